@@ -1,0 +1,446 @@
+// CUDA fused MMFS core (see deem/mmfs.h): per-image locations broadcast over levels, in-kernel
+// softmax with a null slot, per-query image visibility and an optional ignore token.
+//
+// Forward: a group of G = D/V threads per (n, q, head). Pass 1 reads the visible logits once for
+// an online max/sum (lse); pass 2 samples only visible images. Backward kernel A recomputes the
+// samples, writes d(location) per image (summed over its levels) and d(logit) with the exact
+// row term gbar = sum_j a_j G_j + sink <g, ignore>; d(value) by slice ownership (no global
+// atomics; one CTA per (n, image, head, channel chunk)) or by atomics.
+#include <algorithm>
+
+#include "deem/mmfs.h"
+#include "dispatch.cuh"
+#include "grad_value_common.cuh"
+
+namespace deem {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Dims {
+  int I, M, D, Lq, P, L, G, q_blocks;
+  int64_t S;  // rows per image
+};
+
+Dims make_dims(const MmfsProblem& pr, int group) {
+  Dims d;
+  d.I = static_cast<int>(pr.images);
+  d.M = static_cast<int>(pr.heads);
+  d.D = static_cast<int>(pr.channels);
+  d.Lq = static_cast<int>(pr.queries);
+  d.P = static_cast<int>(pr.points);
+  d.L = pr.levels.count;
+  d.G = group;
+  d.S = pr.image_len;
+  const int groups_per_block = kThreads / group;
+  d.q_blocks = (d.Lq + groups_per_block - 1) / groups_per_block;
+  return d;
+}
+
+template <typename acc>
+__device__ __forceinline__ acc exp_acc(acc v) { return exp(v); }
+template <>
+__device__ __forceinline__ float exp_acc<float>(float v) { return __expf(v); }
+
+// log(1 + sum_{visible} exp(z)) for the group's (n, q, head).
+template <typename acc>
+__device__ __forceinline__ acc group_lse(const acc* __restrict__ logits, const uint8_t* __restrict__ vis,
+                                         const Group& grp, const Dims& d, int64_t nq, int m) {
+  const int LP = d.L * d.P;
+  acc mx = 0, s = 0;  // running max starts at the null slot's logit 0
+  for (int i = 0; i < d.I; ++i) {
+    if (!vis[i]) continue;
+    const acc* z = logits + ((nq * d.I + i) * d.M + m) * LP;
+    for (int j = grp.lane; j < LP; j += d.G) {
+      const acc v = z[j];
+      if (v > mx) {
+        s = s * exp_acc(mx - v) + acc(1);
+        mx = v;
+      } else {
+        s += exp_acc(v - mx);
+      }
+    }
+  }
+  for (int off = d.G >> 1; off > 0; off >>= 1) {
+    const acc omx = __shfl_xor_sync(grp.mask, mx, off, d.G);
+    const acc os = __shfl_xor_sync(grp.mask, s, off, d.G);
+    const acc nmx = fmax(mx, omx);
+    s = s * exp_acc(mx - nmx) + os * exp_acc(omx - nmx);
+    mx = nmx;
+  }
+  return mx + log(s + exp_acc(-mx));
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    mmfs_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
+                        const acc_t<scalar_t>* __restrict__ logits, const uint8_t* __restrict__ visible,
+                        const scalar_t* __restrict__ ignore, scalar_t* __restrict__ out,
+                        acc_t<scalar_t>* __restrict__ lse_out, Dims d, const __grid_constant__ LevelTable levels) {
+  using acc = acc_t<scalar_t>;
+  constexpr int V = Traits<scalar_t>::V;
+  const Group grp = Group::make(d.G);
+  const int nm = blockIdx.x / d.q_blocks;
+  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
+  if (q >= d.Lq) return;
+  const int n = nm / d.M, m = nm - n * d.M;
+  const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
+  const int64_t row = nq * d.M + m;
+  const uint8_t* vis = visible + nq * d.I;
+  const int LP = d.L * d.P;
+  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
+  const acc lse = group_lse<acc>(logits, vis, grp, d, nq, m);
+
+  acc sum[V];
+#pragma unroll
+  for (int c = 0; c < V; ++c) sum[c] = acc(0);
+
+  for (int i = 0; i < d.I; ++i) {
+    if (!vis[i]) continue;
+    const int64_t e = (nq * d.I + i) * d.M + m;
+    const acc* xy = loc + e * d.P * 2;
+    const acc* z = logits + e * LP;
+    const scalar_t* v_i = value + (static_cast<int64_t>(n) * d.I + i) * d.S * pix + static_cast<int64_t>(m) * d.D +
+                          grp.lane * V;
+    for (int p0 = 0; p0 < d.P; p0 += d.G) {
+      const int p = p0 + grp.lane;
+      acc my_x = 0, my_y = 0;
+      if (p < d.P) {
+        my_x = xy[2 * p];
+        my_y = xy[2 * p + 1];
+      }
+      const int cnt = min(d.G, d.P - p0);
+      for (int l = 0; l < d.L; ++l) {
+        const int H = levels.height[l], W = levels.width[l];
+        const scalar_t* v_l = v_i + static_cast<int64_t>(levels.start[l]) * pix;
+        const acc my_a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
+#pragma unroll 2
+        for (int j = 0; j < cnt; ++j) {
+          const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
+          const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
+          acc vk[4][V];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk[k]);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const acc wk = a * b.weight[k];
+#pragma unroll
+            for (int c = 0; c < V; ++c) sum[c] = fma(wk, vk[k][c], sum[c]);
+          }
+        }
+      }
+    }
+  }
+  if (ignore != nullptr) {
+    const acc sink = exp_acc(-lse);
+    acc ign[V];
+    load_vec(ignore + static_cast<int64_t>(m) * d.D + grp.lane * V, ign);
+#pragma unroll
+    for (int c = 0; c < V; ++c) sum[c] = fma(sink, ign[c], sum[c]);
+  }
+  store_vec(out + row * d.D + grp.lane * V, sum);
+  if (grp.lane == 0) lse_out[row] = lse;
+}
+
+template <typename scalar_t, bool kAtomic>
+__global__ void __launch_bounds__(kThreads)
+    mmfs_backward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
+                         const acc_t<scalar_t>* __restrict__ logits, const uint8_t* __restrict__ visible,
+                         const scalar_t* __restrict__ ignore, const acc_t<scalar_t>* __restrict__ lse_in,
+                         const scalar_t* __restrict__ grad_out, acc_t<scalar_t>* __restrict__ accum,
+                         acc_t<scalar_t>* __restrict__ grad_loc, acc_t<scalar_t>* __restrict__ grad_logits, Dims d,
+                         const __grid_constant__ LevelTable levels) {
+  using acc = acc_t<scalar_t>;
+  constexpr int V = Traits<scalar_t>::V;
+  const Group grp = Group::make(d.G);
+  const int nm = blockIdx.x / d.q_blocks;
+  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
+  if (q >= d.Lq) return;
+  const int n = nm / d.M, m = nm - n * d.M;
+  const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
+  const int64_t row = nq * d.M + m;
+  const uint8_t* vis = visible + nq * d.I;
+  const int LP = d.L * d.P;
+  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
+  const acc lse = lse_in[row];
+
+  acc g[V];
+  {
+    acc tmp[V];
+    load_vec(grad_out + row * d.D + grp.lane * V, tmp);
+#pragma unroll
+    for (int c = 0; c < V; ++c) g[c] = tmp[c];
+  }
+  acc gbar = 0;  // this lane's share of sum_j a_j G_j + sink <g, ignore>
+  if (ignore != nullptr) {
+    acc ign[V];
+    load_vec(ignore + static_cast<int64_t>(m) * d.D + grp.lane * V, ign);
+    acc dot = 0;
+#pragma unroll
+    for (int c = 0; c < V; ++c) dot = fma(g[c], ign[c], dot);
+    gbar = exp_acc(-lse) * dot;
+  }
+
+  for (int i = 0; i < d.I; ++i) {
+    const int64_t e = (nq * d.I + i) * d.M + m;
+    acc* gxy = grad_loc + e * d.P * 2;
+    acc* gz = grad_logits + e * LP;
+    if (!vis[i]) {
+      for (int j = grp.lane; j < 2 * d.P; j += d.G) gxy[j] = acc(0);
+      for (int j = grp.lane; j < LP; j += d.G) gz[j] = acc(0);
+      continue;
+    }
+    const acc* xy = loc + e * d.P * 2;
+    const acc* z = logits + e * LP;
+    const int64_t image_offset = (static_cast<int64_t>(n) * d.I + i) * d.S * pix + static_cast<int64_t>(m) * d.D +
+                                 grp.lane * V;
+    const scalar_t* v_i = value + image_offset;
+    for (int p0 = 0; p0 < d.P; p0 += d.G) {
+      const int p = p0 + grp.lane;
+      acc my_x = 0, my_y = 0;
+      if (p < d.P) {
+        my_x = xy[2 * p];
+        my_y = xy[2 * p + 1];
+      }
+      acc my_dx = 0, my_dy = 0;
+      const int cnt = min(d.G, d.P - p0);
+      for (int l = 0; l < d.L; ++l) {
+        const int H = levels.height[l], W = levels.width[l];
+        const int64_t level_offset = static_cast<int64_t>(levels.start[l]) * pix;
+        const scalar_t* v_l = v_i + level_offset;
+        const acc my_a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
+        acc my_ga = 0, my_gx = 0, my_gy = 0;
+        for (int j = 0; j < cnt; ++j) {
+          const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
+          const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
+          acc ga = 0, gx = 0, gy = 0;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            acc vk[V];
+            load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk);
+            acc dot = 0;
+#pragma unroll
+            for (int c = 0; c < V; ++c) dot = fma(g[c], vk[c], dot);
+            ga = fma(b.weight[k], dot, ga);
+            gx = fma(b.dx[k], dot, gx);
+            gy = fma(b.dy[k], dot, gy);
+          }
+          ga = grp.sum(ga);
+          gx = grp.sum(gx);
+          gy = grp.sum(gy);
+          if (grp.lane == j) {
+            my_ga = ga;
+            my_gx = gx;
+            my_gy = gy;
+          }
+          if constexpr (kAtomic) {
+            if (b.inside && a != acc(0)) {
+              acc* a_l = accum + image_offset + level_offset;
+#pragma unroll
+              for (int k = 0; k < 4; ++k) {
+                const acc wk = a * b.weight[k];
+                if (wk == acc(0)) continue;
+                acc t[V];
+#pragma unroll
+                for (int c = 0; c < V; ++c) t[c] = wk * g[c];
+                atomic_add_vec(a_l + static_cast<int64_t>(b.pixel[k]) * pix, t);
+              }
+            }
+          }
+        }
+        if (p < d.P) {
+          gz[l * d.P + p] = my_ga;  // G_j; turned into d(logit) once gbar is known
+          gbar = fma(my_a, my_ga, gbar);
+          my_dx = fma(my_a * my_gx, static_cast<acc>(W), my_dx);
+          my_dy = fma(my_a * my_gy, static_cast<acc>(H), my_dy);
+        }
+      }
+      if (p < d.P) {
+        gxy[2 * p] = my_dx;
+        gxy[2 * p + 1] = my_dy;
+      }
+    }
+  }
+  gbar = grp.sum(gbar);
+  // d(logit_j) = a_j (G_j - gbar); each lane revisits exactly the entries it wrote.
+  for (int i = 0; i < d.I; ++i) {
+    if (!vis[i]) continue;
+    const int64_t e = (nq * d.I + i) * d.M + m;
+    const acc* z = logits + e * LP;
+    acc* gz = grad_logits + e * LP;
+    for (int p = grp.lane; p < d.P; p += d.G) {
+      for (int l = 0; l < d.L; ++l) {
+        const int j = l * d.P + p;
+        gz[j] = exp_acc(z[j] - lse) * (gz[j] - gbar);
+      }
+    }
+  }
+}
+
+// Slice ownership for d(value): CTA (n, image, head, level group, channel chunk).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kOwnerThreads)
+    mmfs_grad_value_owner_kernel(const float* __restrict__ loc, const float* __restrict__ logits,
+                                 const uint8_t* __restrict__ visible, const float* __restrict__ lse_in,
+                                 const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
+                                 int chunk, const __grid_constant__ LevelTable levels,
+                                 const __grid_constant__ OwnerGroups groups) {
+  extern __shared__ float slice[];
+  const int n_chunks = d.D / chunk;
+  int bid = blockIdx.x;
+  const int ck = bid % n_chunks;
+  bid /= n_chunks;
+  const int gi = bid % groups.count;
+  bid /= groups.count;
+  const int m = bid % d.M;
+  bid /= d.M;
+  const int i = bid % d.I, n = bid / d.I;
+  const int rows = groups.rows[gi], row0 = groups.row_begin[gi];
+  for (int k = threadIdx.x; k < rows * chunk; k += blockDim.x) slice[k] = 0.f;
+  __syncthreads();
+
+  const int T = min(chunk, 32);
+  const int per_lane = chunk / T;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slots_per_warp = 32 / T;
+  const int slot = warp * slots_per_warp + lane / T, t = lane % T;
+  const int n_slots = (blockDim.x >> 5) * slots_per_warp;
+  const int c0 = ck * chunk;
+  const int LP = d.L * d.P;
+  const int lb = groups.level_begin[gi], le = groups.level_end[gi];
+
+  for (int q = slot; q < d.Lq; q += n_slots) {
+    const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
+    if (!visible[nq * d.I + i]) continue;
+    const int64_t row = nq * d.M + m;
+    const float lse = lse_in[row];
+    float g[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) g[k] = k < per_lane ? to_acc(grad_out[row * d.D + c0 + t + k * T]) : 0.f;
+    const int64_t e = (nq * d.I + i) * d.M + m;
+    const float* xy = loc + e * d.P * 2;
+    const float* z = logits + e * LP;
+    for (int p = 0; p < d.P; ++p) {
+      const float x = xy[2 * p], y = xy[2 * p + 1];
+      for (int l = lb; l < le; ++l) {
+        const float a = __expf(z[l * d.P + p] - lse);
+        const detail::Bilinear<float> b = detail::bilinear<float>(x, y, levels.height[l], levels.width[l]);
+        if (!b.inside || a == 0.f) continue;
+        float* s_l = slice + (levels.start[l] - row0) * chunk + t;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float wk = a * b.weight[k];
+          if (wk == 0.f) continue;
+          float* dst = s_l + b.pixel[k] * chunk;
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            if (kk < per_lane) atomicAdd(dst + kk * T, wk * g[kk]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
+  owner_write_slice(slice, grad_value + static_cast<int64_t>(m) * d.D,
+                    (static_cast<int64_t>(n) * d.I + i) * d.S + row0, rows, chunk, c0, pix);
+}
+
+int owner_budget() { return std::min(max_dynamic_smem_bytes() - 2048, 200 * 1024); }
+
+}  // namespace
+}  // namespace cuda
+
+void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  cuda::dispatch_value(pr.value_dtype, [&](auto vt) {
+    using scalar_t = typename decltype(vt)::type;
+    using acc = cuda::acc_t<scalar_t>;
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
+    if (blocks == 0) return;
+    cuda::mmfs_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(args.value), static_cast<const acc*>(args.locations),
+        static_cast<const acc*>(args.logits), args.visible, static_cast<const scalar_t*>(args.ignore_token),
+        static_cast<scalar_t*>(args.output), static_cast<acc*>(args.lse), d, pr.levels);
+    cuda::check_launch("mmfs_forward_kernel");
+  });
+}
+
+GradValueStrategy mmfs_grad_value_strategy(const MmfsProblem& pr, GradValueStrategy requested) {
+  if (pr.value_dtype == DType::kFloat64) return GradValueStrategy::kAtomic;
+  const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
+  if (requested == GradValueStrategy::kOwner) {
+    if (!plan.feasible) throw ArgumentError("grad_value strategy 'owner' does not fit this problem in shared memory");
+    return GradValueStrategy::kOwner;
+  }
+  if (requested == GradValueStrategy::kAtomic) return GradValueStrategy::kAtomic;
+  if (plan.feasible && plan.chunk * 4 >= pr.channels) return GradValueStrategy::kOwner;
+  return GradValueStrategy::kAtomic;
+}
+
+void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, GradValueStrategy strategy,
+                        void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  strategy = mmfs_grad_value_strategy(pr, strategy);
+  cuda::dispatch_value(pr.value_dtype, [&](auto vt) {
+    using scalar_t = typename decltype(vt)::type;
+    using acc = cuda::acc_t<scalar_t>;
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const int64_t value_elems = pr.batch * pr.images * pr.image_len * pr.heads * pr.channels;
+    const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
+    const auto* value = static_cast<const scalar_t*>(args.value);
+    const auto* loc = static_cast<const acc*>(args.locations);
+    const auto* logits = static_cast<const acc*>(args.logits);
+    const auto* ignore = static_cast<const scalar_t*>(args.ignore_token);
+    const auto* lse = static_cast<const acc*>(args.lse);
+    const auto* gout = static_cast<const scalar_t*>(args.grad_output);
+    auto* gvalue = static_cast<scalar_t*>(args.grad_value);
+    auto* gloc = static_cast<acc*>(args.grad_locations);
+    auto* glogits = static_cast<acc*>(args.grad_logits);
+
+    if (strategy == GradValueStrategy::kAtomic) {
+      constexpr bool direct = std::is_same_v<scalar_t, acc>;
+      acc* accum = nullptr;
+      if constexpr (direct) {
+        accum = reinterpret_cast<acc*>(gvalue);
+      } else {
+        if (args.grad_value_accum == nullptr) {
+          throw ArgumentError("grad_value_accum: the atomic strategy needs a float32 workspace shaped like value");
+        }
+        accum = args.grad_value_accum;
+      }
+      cuda::check_cuda(cudaMemsetAsync(accum, 0, value_elems * sizeof(acc), stream), "cudaMemsetAsync");
+      if (blocks > 0) {
+        cuda::mmfs_backward_kernel<scalar_t, true><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+            value, loc, logits, args.visible, ignore, lse, gout, accum, gloc, glogits, d, pr.levels);
+        cuda::check_launch("mmfs_backward_kernel<atomic>");
+      }
+      if constexpr (!direct) cuda::launch_cast_accum<scalar_t>(accum, gvalue, value_elems, stream);
+      return;
+    }
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      throw ArgumentError("grad_value strategy 'owner' is not available for float64");
+    } else {
+      if (blocks > 0) {
+        cuda::mmfs_backward_kernel<scalar_t, false><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+            value, loc, logits, args.visible, ignore, lse, gout, nullptr, gloc, glogits, d, pr.levels);
+        cuda::check_launch("mmfs_backward_kernel");
+      }
+      const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
+      const size_t smem = plan.smem_bytes();
+      auto kernel = cuda::mmfs_grad_value_owner_kernel<scalar_t>;
+      cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                       "cudaFuncSetAttribute(owner kernel)");
+      const int64_t owner_blocks =
+          pr.batch * pr.images * pr.heads * plan.groups.count * (pr.channels / plan.chunk);
+      if (owner_blocks == 0) return;
+      kernel<<<static_cast<unsigned>(owner_blocks), cuda::kOwnerThreads, smem, stream>>>(
+          loc, logits, args.visible, lse, gout, gvalue, d, plan.chunk, pr.levels, plan.groups);
+      cuda::check_launch("mmfs_grad_value_owner_kernel");
+    }
+  });
+}
+
+}  // namespace deem

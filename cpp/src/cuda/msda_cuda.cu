@@ -1,0 +1,349 @@
+// CUDA multi-scale deformable attention (generic Deformable-DETR semantics).
+//
+// Forward/backward mapping: a group of G = D/V threads per (n, q, head), V elements (16 bytes)
+// per thread. Groups of one CTA share (n, head) and take consecutive queries, so they read the
+// same value slice. The group's lanes load G points' locations and weights at once (coalesced)
+// and broadcast them with shuffles; each point costs four 16-byte loads per lane.
+// d(value): either vector atomics into an fp32 buffer (kAtomic) or slice ownership (kOwner).
+#include <algorithm>
+
+#include "deem/msda.h"
+#include "dispatch.cuh"
+#include "grad_value_common.cuh"
+
+namespace deem {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Dims {
+  int M, D, Lq, P, L, G, q_blocks;
+  int64_t S;
+};
+
+Dims make_dims(const MsdaProblem& pr, int group) {
+  Dims d;
+  d.M = static_cast<int>(pr.heads);
+  d.D = static_cast<int>(pr.channels);
+  d.Lq = static_cast<int>(pr.queries);
+  d.P = static_cast<int>(pr.points);
+  d.L = pr.levels.count;
+  d.G = group;
+  d.S = pr.value_len;
+  const int groups_per_block = kThreads / group;
+  d.q_blocks = (d.Lq + groups_per_block - 1) / groups_per_block;
+  return d;
+}
+
+template <typename scalar_t, typename weight_t>
+__global__ void __launch_bounds__(kThreads)
+    msda_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
+                        const weight_t* __restrict__ weights, scalar_t* __restrict__ out, Dims d,
+                        const __grid_constant__ LevelTable levels) {
+  using acc = acc_t<scalar_t>;
+  constexpr int V = Traits<scalar_t>::V;
+  const Group grp = Group::make(d.G);
+  const int nm = blockIdx.x / d.q_blocks;
+  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
+  if (q >= d.Lq) return;
+  const int n = nm / d.M, m = nm - n * d.M;
+  const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
+  const int64_t LP = static_cast<int64_t>(d.L) * d.P;
+  const acc* loc_q = loc + row * LP * 2;
+  const weight_t* w_q = weights + row * LP;
+  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
+  const scalar_t* v_nm = value + static_cast<int64_t>(n) * d.S * pix + static_cast<int64_t>(m) * d.D + grp.lane * V;
+
+  acc sum[V];
+#pragma unroll
+  for (int c = 0; c < V; ++c) sum[c] = acc(0);
+
+  for (int l = 0; l < d.L; ++l) {
+    const int H = levels.height[l], W = levels.width[l];
+    const scalar_t* v_l = v_nm + static_cast<int64_t>(levels.start[l]) * pix;
+    for (int p0 = 0; p0 < d.P; p0 += d.G) {
+      const int p = p0 + grp.lane;
+      acc my_x = 0, my_y = 0, my_a = 0;
+      if (p < d.P) {
+        const int idx = l * d.P + p;
+        my_x = loc_q[2 * idx];
+        my_y = loc_q[2 * idx + 1];
+        my_a = to_acc(w_q[idx]);
+      }
+      const int cnt = min(d.G, d.P - p0);
+#pragma unroll 2
+      for (int j = 0; j < cnt; ++j) {
+        const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
+        const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
+        acc vk[4][V];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk[k]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const acc wk = a * b.weight[k];
+#pragma unroll
+          for (int c = 0; c < V; ++c) sum[c] = fma(wk, vk[k][c], sum[c]);
+        }
+      }
+    }
+  }
+  store_vec(out + row * d.D + grp.lane * V, sum);
+}
+
+// d(locations), d(weights) for every point; with kAtomic also d(value) into `accum` (zeroed).
+template <typename scalar_t, typename weight_t, bool kAtomic>
+__global__ void __launch_bounds__(kThreads)
+    msda_backward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
+                         const weight_t* __restrict__ weights, const scalar_t* __restrict__ grad_out,
+                         acc_t<scalar_t>* __restrict__ accum, acc_t<scalar_t>* __restrict__ grad_loc,
+                         weight_t* __restrict__ grad_w, Dims d, const __grid_constant__ LevelTable levels) {
+  using acc = acc_t<scalar_t>;
+  constexpr int V = Traits<scalar_t>::V;
+  const Group grp = Group::make(d.G);
+  const int nm = blockIdx.x / d.q_blocks;
+  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
+  if (q >= d.Lq) return;
+  const int n = nm / d.M, m = nm - n * d.M;
+  const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
+  const int64_t LP = static_cast<int64_t>(d.L) * d.P;
+  const acc* loc_q = loc + row * LP * 2;
+  const weight_t* w_q = weights + row * LP;
+  acc* gloc_q = grad_loc + row * LP * 2;
+  weight_t* gw_q = grad_w + row * LP;
+  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
+  const int64_t nm_offset = static_cast<int64_t>(n) * d.S * pix + static_cast<int64_t>(m) * d.D + grp.lane * V;
+  const scalar_t* v_nm = value + nm_offset;
+
+  acc g[V];
+  {
+    acc tmp[V];
+    load_vec(grad_out + row * d.D + grp.lane * V, tmp);
+#pragma unroll
+    for (int c = 0; c < V; ++c) g[c] = tmp[c];
+  }
+
+  for (int l = 0; l < d.L; ++l) {
+    const int H = levels.height[l], W = levels.width[l];
+    const int64_t level_offset = static_cast<int64_t>(levels.start[l]) * pix;
+    const scalar_t* v_l = v_nm + level_offset;
+    for (int p0 = 0; p0 < d.P; p0 += d.G) {
+      const int p = p0 + grp.lane;
+      acc my_x = 0, my_y = 0, my_a = 0;
+      if (p < d.P) {
+        const int idx = l * d.P + p;
+        my_x = loc_q[2 * idx];
+        my_y = loc_q[2 * idx + 1];
+        my_a = to_acc(w_q[idx]);
+      }
+      acc my_ga = 0, my_gx = 0, my_gy = 0;
+      const int cnt = min(d.G, d.P - p0);
+      for (int j = 0; j < cnt; ++j) {
+        const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
+        const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
+        acc ga = 0, gx = 0, gy = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          acc vk[V];
+          load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk);
+          acc dot = 0;
+#pragma unroll
+          for (int c = 0; c < V; ++c) dot = fma(g[c], vk[c], dot);
+          ga = fma(b.weight[k], dot, ga);
+          gx = fma(b.dx[k], dot, gx);
+          gy = fma(b.dy[k], dot, gy);
+        }
+        ga = grp.sum(ga);
+        gx = grp.sum(gx);
+        gy = grp.sum(gy);
+        if (grp.lane == j) {
+          my_ga = ga;
+          my_gx = gx;
+          my_gy = gy;
+        }
+        if constexpr (kAtomic) {
+          if (b.inside && a != acc(0)) {
+            acc* a_l = accum + nm_offset + level_offset;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const acc wk = a * b.weight[k];
+              if (wk == acc(0)) continue;
+              acc t[V];
+#pragma unroll
+              for (int c = 0; c < V; ++c) t[c] = wk * g[c];
+              atomic_add_vec(a_l + static_cast<int64_t>(b.pixel[k]) * pix, t);
+            }
+          }
+        }
+      }
+      if (p < d.P) {
+        const int idx = l * d.P + p;
+        gw_q[idx] = from_acc<weight_t>(my_ga);
+        gloc_q[2 * idx] = my_a * my_gx * static_cast<acc>(W);
+        gloc_q[2 * idx + 1] = my_a * my_gy * static_cast<acc>(H);
+      }
+    }
+  }
+}
+
+// Slice ownership: CTA (n, m, level group, channel chunk) accumulates d(value) of its rows in
+// shared memory over every query and writes them once, in the value dtype. No global atomics.
+template <typename scalar_t, typename weight_t>
+__global__ void __launch_bounds__(kOwnerThreads)
+    msda_grad_value_owner_kernel(const acc_t<scalar_t>* __restrict__ loc, const weight_t* __restrict__ weights,
+                                 const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
+                                 int chunk, const __grid_constant__ LevelTable levels,
+                                 const __grid_constant__ OwnerGroups groups) {
+  using acc = acc_t<scalar_t>;
+  extern __shared__ float slice[];
+  const int n_chunks = d.D / chunk;
+  int bid = blockIdx.x;
+  const int ck = bid % n_chunks;
+  bid /= n_chunks;
+  const int gi = bid % groups.count;
+  bid /= groups.count;
+  const int m = bid % d.M, n = bid / d.M;
+  const int rows = groups.rows[gi], row0 = groups.row_begin[gi];
+  for (int i = threadIdx.x; i < rows * chunk; i += blockDim.x) slice[i] = 0.f;
+  __syncthreads();
+
+  const int T = min(chunk, 32);  // lanes per query; lane t owns channels t, t+T, ...
+  const int per_lane = chunk / T;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slots_per_warp = 32 / T;
+  const int slot = warp * slots_per_warp + lane / T, t = lane % T;
+  const int n_slots = (blockDim.x >> 5) * slots_per_warp;
+  const int c0 = ck * chunk;
+  const int64_t LP = static_cast<int64_t>(d.L) * d.P;
+  const int lb = groups.level_begin[gi], le = groups.level_end[gi];
+
+  for (int q = slot; q < d.Lq; q += n_slots) {
+    const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
+    float g[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) g[k] = k < per_lane ? to_acc(grad_out[row * d.D + c0 + t + k * T]) : 0.f;
+    const acc* loc_q = loc + row * LP * 2;
+    const weight_t* w_q = weights + row * LP;
+    for (int l = lb; l < le; ++l) {
+      const int H = levels.height[l], W = levels.width[l];
+      float* s_l = slice + (levels.start[l] - row0) * chunk + t;
+      for (int p = 0; p < d.P; ++p) {
+        const int idx = l * d.P + p;
+        const float a = to_acc(w_q[idx]);
+        if (a == 0.f) continue;
+        const detail::Bilinear<float> b = detail::bilinear<float>(loc_q[2 * idx], loc_q[2 * idx + 1], H, W);
+        if (!b.inside) continue;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float wk = a * b.weight[k];
+          if (wk == 0.f) continue;
+          float* dst = s_l + b.pixel[k] * chunk;
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            if (kk < per_lane) atomicAdd(dst + kk * T, wk * g[kk]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
+  owner_write_slice(slice, grad_value + static_cast<int64_t>(m) * d.D, static_cast<int64_t>(n) * d.S + row0, rows,
+                    chunk, c0, pix);
+}
+
+int owner_budget() { return std::min(max_dynamic_smem_bytes() - 2048, 200 * 1024); }
+
+}  // namespace
+}  // namespace cuda
+
+void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  cuda::dispatch_value_weight(pr.value_dtype, pr.weight_dtype, [&](auto vt, auto wt) {
+    using scalar_t = typename decltype(vt)::type;
+    using weight_t = typename decltype(wt)::type;
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
+    if (blocks == 0) return;
+    cuda::msda_forward_kernel<scalar_t, weight_t><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(args.value), static_cast<const cuda::acc_t<scalar_t>*>(args.locations),
+        static_cast<const weight_t*>(args.weights), static_cast<scalar_t*>(args.output), d, pr.levels);
+    cuda::check_launch("msda_forward_kernel");
+  });
+}
+
+GradValueStrategy msda_grad_value_strategy(const MsdaProblem& pr, GradValueStrategy requested) {
+  if (pr.value_dtype == DType::kFloat64) return GradValueStrategy::kAtomic;  // fp64 has no shared-memory variant
+  const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
+  if (requested == GradValueStrategy::kOwner) {
+    if (!plan.feasible) throw ArgumentError("grad_value strategy 'owner' does not fit this problem in shared memory");
+    return GradValueStrategy::kOwner;
+  }
+  if (requested == GradValueStrategy::kAtomic) return GradValueStrategy::kAtomic;
+  // Auto: ownership pays when one chunk covers at least a quarter of the head (few redundant scans).
+  if (plan.feasible && plan.chunk * 4 >= pr.channels) return GradValueStrategy::kOwner;
+  return GradValueStrategy::kAtomic;
+}
+
+void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, GradValueStrategy strategy,
+                        void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  strategy = msda_grad_value_strategy(pr, strategy);
+  cuda::dispatch_value_weight(pr.value_dtype, pr.weight_dtype, [&](auto vt, auto wt) {
+    using scalar_t = typename decltype(vt)::type;
+    using weight_t = typename decltype(wt)::type;
+    using acc = cuda::acc_t<scalar_t>;
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const int64_t value_elems = pr.batch * pr.value_len * pr.heads * pr.channels;
+    const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
+    const auto* value = static_cast<const scalar_t*>(args.value);
+    const auto* loc = static_cast<const acc*>(args.locations);
+    const auto* w = static_cast<const weight_t*>(args.weights);
+    const auto* gout = static_cast<const scalar_t*>(args.grad_output);
+    auto* gvalue = static_cast<scalar_t*>(args.grad_value);
+    auto* gloc = static_cast<acc*>(args.grad_locations);
+    auto* gw = static_cast<weight_t*>(args.grad_weights);
+
+    if (strategy == GradValueStrategy::kAtomic) {
+      constexpr bool direct = std::is_same_v<scalar_t, acc>;
+      acc* accum = nullptr;
+      if constexpr (direct) {
+        accum = reinterpret_cast<acc*>(gvalue);
+      } else {
+        if (args.grad_value_accum == nullptr) {
+          throw ArgumentError("grad_value_accum: the atomic strategy needs a float32 workspace shaped like value");
+        }
+        accum = args.grad_value_accum;
+      }
+      cuda::check_cuda(cudaMemsetAsync(accum, 0, value_elems * sizeof(acc), stream), "cudaMemsetAsync");
+      if (blocks > 0) {
+        cuda::msda_backward_kernel<scalar_t, weight_t, true><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+            value, loc, w, gout, accum, gloc, gw, d, pr.levels);
+        cuda::check_launch("msda_backward_kernel<atomic>");
+      }
+      if constexpr (!direct) cuda::launch_cast_accum<scalar_t>(accum, gvalue, value_elems, stream);
+      return;
+    }
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      throw ArgumentError("grad_value strategy 'owner' is not available for float64");
+    } else {
+      if (blocks > 0) {
+        cuda::msda_backward_kernel<scalar_t, weight_t, false><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+            value, loc, w, gout, nullptr, gloc, gw, d, pr.levels);
+        cuda::check_launch("msda_backward_kernel");
+      }
+      const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
+      const size_t smem = plan.smem_bytes();
+      auto kernel = cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>;
+      cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                       "cudaFuncSetAttribute(owner kernel)");
+      const int64_t owner_blocks = pr.batch * pr.heads * plan.groups.count * (pr.channels / plan.chunk);
+      if (owner_blocks == 0) return;
+      kernel<<<static_cast<unsigned>(owner_blocks), cuda::kOwnerThreads, smem, stream>>>(
+          loc, w, gout, gvalue, d, plan.chunk, pr.levels, plan.groups);
+      cuda::check_launch("msda_grad_value_owner_kernel");
+    }
+  });
+}
+
+}  // namespace deem
