@@ -109,6 +109,9 @@ void TensorArg::require_shape(const std::vector<int64_t>& expected, const char* 
 }
 
 void TensorArg::require_contiguous() const {
+  for (int64_t d : shape) {
+    if (d == 0) return;  // empty tensors are trivially contiguous
+  }
   int64_t expected = 1;
   for (int i = ndim() - 1; i >= 0; --i) {
     if (shape[i] != 1 && strides[i] != expected) {

@@ -23,12 +23,12 @@ def _mmfs_core(
     ignore_token: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shapes, starts = host_index(spatial_shapes), host_index(level_start_index)
-    N, _, M, D = value.shape
-    Lq = sampling_locations.shape[1]
     args = (dl(value), dl(shapes), dl(starts), dl(sampling_locations), dl(attention_logits), dl(image_visible),
             dl(ignore_token))
+    _C.mmfs_validate(*args)
+    N, _, M, D = value.shape
+    Lq = sampling_locations.shape[1]
     if not uses_kernels(value):
-        _C.mmfs_validate(*args)
         out, lse = mmfs_core_reference(value, shapes, starts, sampling_locations, attention_logits, image_visible,
                                        ignore_token)
         return out, lse.to(sampling_locations.dtype)
@@ -104,8 +104,8 @@ def _backward(ctx, grad_output, _grad_lse):
     grad_ignore = None
     if ignore is not None and ctx.needs_input_grad[6]:
         N, Lq, M = lse.shape
-        sink = torch.exp(-lse.float())
-        g = grad_output.reshape(N, Lq, M, -1).float()
+        sink = torch.exp(-lse)  # float32 (float64 for float64 values)
+        g = grad_output.reshape(N, Lq, M, -1).to(lse.dtype)
         grad_ignore = torch.einsum("nqm,nqmd->md", sink, g).to(ignore.dtype)
     return gv, None, None, gl, gz, None, grad_ignore
 
@@ -145,6 +145,9 @@ def mmfs_core(
     if image_visible.dtype != torch.bool:
         image_visible = image_visible.bool()
     if ignore_token is not None:
+        if value.dim() != 4 or ignore_token.numel() != value.shape[2] * value.shape[3]:
+            raise ValueError(f"ignore_token: expected M*D = {value.shape[2:] if value.dim() == 4 else '?'} "
+                             f"elements (one vector per head), got shape {tuple(ignore_token.shape)}")
         ignore_token = ignore_token.reshape(value.shape[2], value.shape[3]).to(value.dtype)
     out, _ = _mmfs_core(value, spatial_shapes, level_start_index, sampling_locations, attention_logits,
                         image_visible, ignore_token)

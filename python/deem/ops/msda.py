@@ -25,10 +25,10 @@ def _ms_deform_attn(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     shapes, starts = host_index(spatial_shapes), host_index(level_start_index)
+    _C.msda_validate(dl(value), dl(shapes), dl(starts), dl(sampling_locations), dl(attention_weights))
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
     if not uses_kernels(value):
-        _C.msda_validate(dl(value), dl(shapes), dl(starts), dl(sampling_locations), dl(attention_weights))
         return ms_deform_attn_reference(value, shapes, starts, sampling_locations, attention_weights)
     out = value.new_empty((N, Lq, M, D))
     _C.msda_forward(

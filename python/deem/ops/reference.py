@@ -66,16 +66,16 @@ def mmfs_core_reference(
     [N, Lq, I, M, P, 2] shared by the levels of an image, attention_logits [N, Lq, I, M, L, P],
     image_visible [N, Lq, I], ignore_token [M, D] or None -> (out [N, Lq, M*D], lse [N, Lq, M]).
     """
-    N, Lq, I, M, P, _ = sampling_locations.shape
+    N, Lq, n_img, M, P, _ = sampling_locations.shape
     L = spatial_shapes.shape[0]
     D = value.shape[-1]
     weights, lse = mmfs_softmax(attention_logits, image_visible)
-    shapes = spatial_shapes.repeat(I, 1)
-    sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).repeat(I)
+    shapes = spatial_shapes.repeat(n_img, 1)
+    sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).repeat(n_img)
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     loc = sampling_locations.permute(0, 1, 3, 2, 4, 5)[:, :, :, :, None]  # [N, Lq, M, I, 1, P, 2]
-    loc = loc.expand(N, Lq, M, I, L, P, 2).reshape(N, Lq, M, I * L, P, 2)
-    w = weights.permute(0, 1, 3, 2, 4, 5).reshape(N, Lq, M, I * L, P)
+    loc = loc.expand(N, Lq, M, n_img, L, P, 2).reshape(N, Lq, M, n_img * L, P, 2)
+    w = weights.permute(0, 1, 3, 2, 4, 5).reshape(N, Lq, M, n_img * L, P)
     out = ms_deform_attn_reference(value, shapes, starts, loc, w)
     if ignore_token is not None:
         sink = torch.exp(-lse).to(value.dtype)

@@ -1,0 +1,5 @@
+"""DEEM model components."""
+
+from deem.models.mmfs import MMFS
+
+__all__ = ["MMFS"]
