@@ -49,6 +49,13 @@ def uses_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and cuda_kernels_built()
 
 
+def aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The CUDA kernels read 16-byte vectors: copy a tensor whose data pointer is not aligned."""
+    if t is None or t.device.type != "cuda" or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone()
+
+
 def host_index(t: torch.Tensor) -> torch.Tensor:
     """Shape tensors are read on the host; keep them on the CPU to avoid a device sync."""
     return t if t.device.type == "cpu" else t.cpu()

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+
 from deem.models import MMFS
 from deem.models.mmfs import image_relpos
-
-from tests.models.spec_mmfs import SpecMMFS
+from deem.models.mmfs_reference import OriginalMMFS
 from tests.ops.helpers import rel_l2
 
 ORIGINAL_PARAMETERS = {
@@ -26,7 +26,7 @@ def build_pair(spatial=(8, 4, 2), base=4, ratio=0.5, **kw):
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    spec = SpecMMFS(**cfg).double()
+    spec = OriginalMMFS(**cfg).double()
     spec.load_state_dict(ours.state_dict())
     return ours, spec
 
@@ -106,6 +106,16 @@ def test_initial_state_is_the_original_initialisation():
     assert m.sampling_offsets.bias.abs().max() <= 3 and m.sampling_offsets.bias.abs().max() > 1
     assert torch.equal(m.attention_weights.bias, torch.zeros_like(m.attention_weights.bias))
     assert torch.equal(m.ignore_token, torch.zeros_like(m.ignore_token)) and not m.ignore_token.requires_grad
+
+
+def test_original_module_with_deem_core_matches_reference_core():
+    _, spec = build_pair()
+    fast = OriginalMMFS(d_model=32, d_query=24, d_value=16, d_out=20,
+                        n_levels=3, n_heads=4, n_points=3, ratio=0.5, spatial_shapes=(8, 4, 2), base_spatial_shape=4,
+                        max_num_image_per_seq=10, ignore_token_trainable=True, core="deem").double()
+    fast.load_state_dict(spec.state_dict())
+    query, ref, feats, shapes, mask = inputs()
+    assert rel_l2(fast(query, ref, feats, shapes, None, mask), spec(query, ref, feats, shapes, None, mask)) < 1e-10
 
 
 def test_image_relpos():

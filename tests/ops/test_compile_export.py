@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from deem.ops import mmfs_core, ms_deform_attn
 
+from deem.ops import mmfs_core, ms_deform_attn
 from tests.ops.helpers import mmfs_problem, msda_problem, rel_l2
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from deem.ops import grad_value_strategy, mmfs_core, mmfs_core_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deem.ops import grad_value_strategy, mmfs_core, mmfs_core_reference
 from tests.ops.helpers import TOLERANCE, mmfs_problem, rel_l2
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

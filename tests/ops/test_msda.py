@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from deem.ops import grad_value_strategy, ms_deform_attn, ms_deform_attn_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deem.ops import grad_value_strategy, ms_deform_attn, ms_deform_attn_reference
 from tests.ops.helpers import TOLERANCE, msda_problem, rel_l2
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -193,3 +193,14 @@ def test_cuda_graph_capture(cuda_device):
     eager = ms_deform_attn(new_value, *p.args()[1:])
     assert rel_l2(static_out, eager) <= 1e-6
     assert v.grad is not None and torch.isfinite(v.grad).all()
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_view_is_handled(cuda_device):
+    p = msda_problem(1, 9, 2, 64, [(6, 6), (3, 3)], 4, dtype=torch.bfloat16, device=cuda_device, seed=11)
+    flat = torch.empty(p.value.numel() + 1, dtype=p.value.dtype, device=cuda_device)
+    shifted = flat[1:].view_as(p.value)
+    shifted.copy_(p.value)
+    assert shifted.data_ptr() % 16 != 0
+    out = ms_deform_attn(shifted, *p.args()[1:])
+    assert torch.equal(out, ms_deform_attn(*p.args()))

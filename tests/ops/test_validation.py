@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+
 from deem import _C
 from deem._native import dl
 from deem.ops import mmfs_core, ms_deform_attn
-
 from tests.ops.helpers import mmfs_problem, msda_problem
 
 

@@ -170,6 +170,14 @@ inline int group_size_for(int64_t channels) {
   return static_cast<int>(g);
 }
 
+// The kernels load and store 16-byte vectors: base pointers must be 16-byte aligned.
+inline void require_aligned(const void* ptr, const char* name) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+    throw ArgumentError(std::string(name) + ": the CUDA kernels need a 16-byte aligned data pointer (a view with an "
+                        "offset? pass a .clone())");
+  }
+}
+
 int max_dynamic_smem_bytes();  // opt-in shared memory per block on the current device
 int multiprocessor_count();
 

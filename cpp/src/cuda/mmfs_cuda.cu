@@ -358,6 +358,9 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
     using scalar_t = typename decltype(vt)::type;
     using acc = cuda::acc_t<scalar_t>;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    cuda::require_aligned(args.value, "value");
+    cuda::require_aligned(args.output, "output");
+    cuda::require_aligned(args.ignore_token, "ignore_token");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
     cuda::mmfs_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
@@ -388,6 +391,10 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
     using scalar_t = typename decltype(vt)::type;
     using acc = cuda::acc_t<scalar_t>;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    cuda::require_aligned(args.value, "value");
+    cuda::require_aligned(args.grad_output, "grad_output");
+    cuda::require_aligned(args.ignore_token, "ignore_token");
+    cuda::require_aligned(args.grad_value_accum, "grad_value_accum");
     const int64_t value_elems = pr.batch * pr.images * pr.image_len * pr.heads * pr.channels;
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     const auto* value = static_cast<const scalar_t*>(args.value);

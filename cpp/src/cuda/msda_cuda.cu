@@ -263,6 +263,8 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
     using scalar_t = typename decltype(vt)::type;
     using weight_t = typename decltype(wt)::type;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    cuda::require_aligned(args.value, "value");
+    cuda::require_aligned(args.output, "output");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
     cuda::msda_forward_kernel<scalar_t, weight_t><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
@@ -294,6 +296,9 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
     using weight_t = typename decltype(wt)::type;
     using acc = cuda::acc_t<scalar_t>;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    cuda::require_aligned(args.value, "value");
+    cuda::require_aligned(args.grad_output, "grad_output");
+    cuda::require_aligned(args.grad_value_accum, "grad_value_accum");
     const int64_t value_elems = pr.batch * pr.value_len * pr.heads * pr.channels;
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     const auto* value = static_cast<const scalar_t*>(args.value);

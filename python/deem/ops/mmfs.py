@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from deem import _C
-from deem._native import dl, host_index, stream_of, uses_kernels
+from deem._native import aligned, dl, host_index, stream_of, uses_kernels
 from deem.ops._strategy import get_grad_value_strategy
 from deem.ops.msda import location_dtype
 from deem.ops.reference import mmfs_core_reference
@@ -23,6 +23,7 @@ def _mmfs_core(
     ignore_token: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shapes, starts = host_index(spatial_shapes), host_index(level_start_index)
+    value, ignore_token = aligned(value), aligned(ignore_token)
     args = (dl(value), dl(shapes), dl(starts), dl(sampling_locations), dl(attention_logits), dl(image_visible),
             dl(ignore_token))
     _C.mmfs_validate(*args)
@@ -61,7 +62,8 @@ def _mmfs_core_backward(
     shapes, starts = host_index(spatial_shapes), host_index(level_start_index)
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
-    grad_output = grad_output.reshape(N, Lq, M, D).to(value.dtype).contiguous()
+    grad_output = aligned(grad_output.reshape(N, Lq, M, D).to(value.dtype).contiguous())
+    value, ignore_token = aligned(value), aligned(ignore_token)
     if not uses_kernels(value):
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_logits)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from deem import _C
-from deem._native import dl, host_index, stream_of, uses_kernels
+from deem._native import aligned, dl, host_index, stream_of, uses_kernels
 from deem.ops._strategy import get_grad_value_strategy
 from deem.ops.reference import ms_deform_attn_reference
 
@@ -30,6 +30,7 @@ def _ms_deform_attn(
     Lq = sampling_locations.shape[1]
     if not uses_kernels(value):
         return ms_deform_attn_reference(value, shapes, starts, sampling_locations, attention_weights)
+    value = aligned(value)
     out = value.new_empty((N, Lq, M, D))
     _C.msda_forward(
         dl(value), dl(shapes), dl(starts), dl(sampling_locations), dl(attention_weights), dl(out),
@@ -56,7 +57,8 @@ def _ms_deform_attn_backward(
     shapes, starts = host_index(spatial_shapes), host_index(level_start_index)
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
-    grad_output = grad_output.reshape(N, Lq, M, D).to(value.dtype).contiguous()
+    grad_output = aligned(grad_output.reshape(N, Lq, M, D).to(value.dtype).contiguous())
+    value = aligned(value)
     if not uses_kernels(value):
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]

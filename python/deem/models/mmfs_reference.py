@@ -1,17 +1,29 @@
-"""A plain MMFS written from spec/model.md §5.3 in the original formulation (query repeated per
-image before `dynamic_offset_mask`, softmax over n_levels*(P+1) entries with every null slot set to
--ln(n_levels) and -10000 for invisible images, materialised ignore-token term). It shares the
-parameter names of deem.models.MMFS, so one state dict drives both."""
+"""MMFS in the original formulation, written from spec/model.md §5.3: the query repeated per image
+before `dynamic_offset_mask`, a softmax over n_levels*(P+1) entries with every null slot set to
+-ln(n_levels) and -10000 for invisible images, and a materialised ignore-token term.
+
+It is the oracle for `deem.models.MMFS` (same parameter names, so one state dict drives both) and
+the baseline of benchmarks/msda.py. `core="reference"` samples with grid_sample;
+`core="deem"` with deem's generic kernel (the original module around a fast op)."""
 
 import math
 
 import torch
 import torch.nn.functional as F
+
 from deem.models import MMFS
-from deem.ops import ms_deform_attn_reference
+from deem.ops import ms_deform_attn, ms_deform_attn_reference
 
 
-class SpecMMFS(MMFS):
+class OriginalMMFS(MMFS):
+    """The original MMFS computation over deem.models.MMFS parameters (see the module docstring)."""
+
+    def __init__(self, *args, core: str = "reference", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if core not in ("reference", "deem"):
+            raise ValueError(f"core must be 'reference' or 'deem', got {core!r}")
+        self.core = core
+
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index=None,
                 attention_mask=None):
         N, Lq, _ = query.shape
@@ -43,7 +55,8 @@ class SpecMMFS(MMFS):
         loc = reference_points.reshape(-1, Lq, 1, 1, 1, 2) + off / normalizer[None, None, None, :, None, :]
         sizes = shapes[:, 0] * shapes[:, 1]
         starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-        out = ms_deform_attn_reference(value, shapes, starts, loc, weights)
+        op = ms_deform_attn_reference if self.core == "reference" else ms_deform_attn
+        out = op(value, shapes, starts, loc.contiguous(), weights.to(value.dtype).contiguous())
         ignore = self.ignore_token.reshape(1, 1, 1, H * dh).repeat(N, Lq, nl, 1).view(N, Lq, nl, H, dh)
         out = out + (w_ignore.permute(0, 1, 3, 2)[..., None] * ignore).sum(2).reshape(N, Lq, H * dh)
         return self.output_proj(out)
