@@ -1,6 +1,7 @@
-import deem
 import pytest
 import torch
+
+import deem
 
 
 def pytest_collection_modifyitems(config, items):

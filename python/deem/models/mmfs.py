@@ -190,8 +190,11 @@ class MMFS(nn.Module):
         starts = torch.tensor([0, *[h * w for h, w in shapes][:-1]], dtype=torch.int64).cumsum(0)
         ignore = self.ignore_token.view(H, dh)
         if level_invariant:
-            scale = torch.tensor([fx[0], fy[0]], dtype=op_dtype, device=query.device)
-            loc = ref + off * scale
+            # Python scalars, not a device tensor: no host-to-device copy (CUDA-graph capturable)
+            if fx[0] == fy[0]:
+                loc = ref + off * fx[0]
+            else:
+                loc = ref + torch.cat([off[..., :1] * fx[0], off[..., 1:] * fy[0]], dim=-1)
             out = mmfs_core(value.contiguous(), spatial, starts, loc.contiguous(), logits.contiguous(), visible,
                             ignore)
         else:

@@ -1,0 +1,266 @@
+"""Time deem's deformable-attention kernels and the MMFS layer against the PyTorch reference.
+
+GPU (default): the inputs of spec/kernels.md §2.3 (random values, locations uniform in [-0.1, 1.1],
+softmaxed random weights), cases llm_8img, llm_2img, unet_64, unet_16, fp16 and bf16; forward and
+backward medians of CUDA events over CUDA-graph replays; deem (each d(value) strategy) and the
+grid_sample reference in the same run; then the whole MMFS layer at the LLM shape (B=4, Lq=2048,
+8 images, causal visibility): deem.models.MMFS against the original formulation.
+CPU (--device cpu): the unet_16 shape (and a small LLM shape) in float32, wall-clock medians.
+
+Writes <out>/msda_<device>.json (one record per case, dtype, implementation) and prints a table.
+
+    python benchmarks/msda.py                 # GPU
+    python benchmarks/msda.py --device cpu    # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import deem
+from deem.models import MMFS
+from deem.models.mmfs_reference import OriginalMMFS
+from deem.ops import grad_value_strategy, ms_deform_attn, ms_deform_attn_reference
+
+LLM_IMAGE = [(32, 32), (16, 16), (8, 8)]
+UNET = [(64, 64), (32, 32), (16, 16), (8, 8)]
+CASES = {
+    "llm_8img": dict(N=4, Lq=2048, shapes=LLM_IMAGE * 8),
+    "llm_2img": dict(N=4, Lq=2048, shapes=LLM_IMAGE * 2),
+    "unet_64": dict(N=4, Lq=4096, shapes=UNET),
+    "unet_16": dict(N=4, Lq=256, shapes=UNET),
+    "llm_2img_n1": dict(N=1, Lq=512, shapes=LLM_IMAGE * 2),  # small CPU case
+}
+M, D, P = 16, 64, 8
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def make_inputs(case: dict, dtype: torch.dtype, device: str, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shapes = torch.tensor(case["shapes"], dtype=torch.int64)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    N, Lq, L = case["N"], case["Lq"], len(case["shapes"])
+    value = torch.randn(N, int(sizes.sum()), M, D, generator=g).to(device, dtype)
+    loc = (torch.rand(N, Lq, M, L, P, 2, generator=g) * 1.2 - 0.1).to(device)
+    weights = torch.randn(N, Lq, M, L * P, generator=g).softmax(-1).view(N, Lq, M, L, P).to(device, dtype)
+    return value, shapes, starts, loc, weights
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True) -> tuple[float, str]:
+    """Median milliseconds of `fn` on the GPU: CUDA-graph replays when `fn` can be captured
+    (no launch gaps), else back-to-back eager calls between CUDA events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    runner, mode = fn, "eager"
+    if use_graph:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            runner, mode = graph.replay, "graph"
+        except Exception:  # not capturable (host syncs, host-to-device copies): time it eagerly
+            torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        runner()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), mode
+
+
+def time_cpu(fn: Callable[[], object], reps: int) -> tuple[float, str]:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), "wall"
+
+
+# ------------------------------------------------------------------------------------ core op
+
+def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[dict]:
+    case = CASES[case_name]
+    dtype = DTYPES[dtype_name]
+    value, shapes, starts, loc, weights = make_inputs(case, dtype, device)
+    timer = (lambda f, r=reps: time_cuda(f, r)) if device == "cuda" else (lambda f, r=reps: time_cpu(f, r))
+    N, Lq = case["N"], case["Lq"]
+    grad = torch.randn(N, Lq, M * D, device=device, dtype=dtype)
+    records = []
+
+    def record(impl, fwd, bwd, mode, strategy=None):
+        records.append(dict(case=case_name, dtype=dtype_name, impl=impl, strategy=strategy, fwd_ms=fwd, bwd_ms=bwd,
+                            fwd_bwd_ms=None if fwd is None or bwd is None else fwd + bwd, timing=mode))
+
+    fwd, mode = timer(lambda: ms_deform_attn(value, shapes, starts, loc, weights))
+    backward = torch.ops.deem.ms_deform_attn_backward
+    strategies = ["atomic", "owner", "auto"] if device == "cuda" else ["auto"]
+    for strategy in strategies:
+        with grad_value_strategy(strategy):
+            try:
+                bwd, _ = timer(lambda: backward(grad, value, shapes, starts, loc, weights))
+            except ValueError as err:  # strategy does not fit this shape
+                print(f"  {case_name} {dtype_name} {strategy}: {err}", file=sys.stderr)
+                continue
+        record("deem", fwd, bwd, mode, strategy)
+
+    ref_reps = max(3, reps // 4)
+    leaves = [value.clone().requires_grad_(), loc.clone().requires_grad_(), weights.clone().requires_grad_()]
+    ref_fwd, ref_mode = timer(lambda: ms_deform_attn_reference(value, shapes, starts, loc, weights), ref_reps)
+    out = ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1], leaves[2])
+    ref_bwd, _ = timer(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), ref_reps)
+    record("reference", ref_fwd, ref_bwd, ref_mode)
+    return records
+
+
+# ------------------------------------------------------------------------------- MMFS layer
+
+def llm_mmfs_config() -> dict:
+    return dict(d_model=4096, d_query=4096, d_value=1024, d_out=4096, n_levels=3, n_heads=16, n_points=8,
+                ratio=0.25, offset_init_magnitude=3, spatial_shapes=(32, 16, 8), base_spatial_shape=16,
+                max_num_image_per_seq=50, ignore_token_trainable=True)
+
+
+def bench_mmfs_layer(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq: int = 2048) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    deem_layer = MMFS(**llm_mmfs_config())
+    with torch.no_grad():  # trained-looking offsets: query-dependent locations (not all the same point)
+        deem_layer.sampling_offsets.weight.normal_(0, 0.02)
+        deem_layer.attention_weights.weight.normal_(0, 0.02)
+        deem_layer.dynamic_offset_mask.weight.normal_(0, 0.02)
+    deem_layer = deem_layer.cuda().to(dtype)
+    layers = {"deem": deem_layer}
+    for core in ("deem", "reference"):
+        original = OriginalMMFS(**llm_mmfs_config(), core=core).cuda().to(dtype)
+        original.load_state_dict(deem_layer.state_dict())
+        layers[f"original+{core}_op"] = original
+    S = sum(h * w for h, w in LLM_IMAGE)
+    query = torch.randn(B, Lq, 4096, device="cuda", dtype=dtype)
+    feats = torch.randn(B, n_img, S, 1024, device="cuda", dtype=dtype)
+    ref = torch.full((1, Lq, 1, 2), 0.5, device="cuda", dtype=dtype)
+    image_start = torch.arange(n_img, device="cuda") * (Lq // n_img)
+    mask = (image_start[None, None, :] <= torch.arange(Lq, device="cuda")[None, :, None]).expand(B, Lq, n_img)
+    mask = mask.to(dtype).contiguous()
+    shapes = LLM_IMAGE * n_img
+    grad = torch.randn(B, Lq, 4096, device="cuda", dtype=dtype)
+    records = []
+    for name, layer in layers.items():
+        q = query.clone().requires_grad_()
+        r = reps if name == "deem" else max(3, reps // 4)
+
+        def forward(layer=layer):
+            with torch.no_grad():
+                return layer(query, ref, feats, shapes, None, mask)
+
+        def forward_backward(layer=layer, q=q):
+            out = layer(q, ref, feats, shapes, None, mask)
+            torch.autograd.backward(out, grad)
+
+        fwd, mode = time_cuda(forward, r)
+        fb, _ = time_cuda(forward_backward, r)
+        layer.zero_grad(set_to_none=True)
+        records.append(dict(case="mmfs_layer_llm_8img", dtype=dtype_name, impl=name, strategy="auto", fwd_ms=fwd,
+                            bwd_ms=fb - fwd, fwd_bwd_ms=fb, timing=mode,
+                            visible_fraction=round(mask.float().mean().item(), 3)))
+    return records
+
+
+# ------------------------------------------------------------------------------------- output
+
+def environment(device: str) -> dict:
+    env = dict(torch=torch.__version__, deem=deem.__version__, date=dt.date.today().isoformat(),
+               host=platform.node(), python=platform.python_version())
+    if device == "cuda":
+        env.update(card=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+    else:
+        env.update(card=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+def print_table(records: list[dict]) -> None:
+    ref = {(r["case"], r["dtype"]): r for r in records if r["impl"] == "reference"}
+    print(f"{'case':<22}{'dtype':<6}{'impl':<24}{'strategy':<9}{'fwd ms':>10}{'bwd ms':>10}{'fwd x':>8}{'bwd x':>8}")
+    for r in records:
+        base = ref.get((r["case"], r["dtype"]))
+        if r["case"].startswith("mmfs_layer"):
+            base = next((x for x in records if x["case"] == r["case"] and x["dtype"] == r["dtype"]
+                         and x["impl"] == "original+reference_op"), None)
+        fx = f"{base['fwd_ms'] / r['fwd_ms']:.1f}" if base else ""
+        bx = f"{base['bwd_ms'] / r['bwd_ms']:.1f}" if base and r["bwd_ms"] else ""
+        bwd = f"{r['bwd_ms']:.3f}" if r["bwd_ms"] is not None else "-"
+        print(f"{r['case']:<22}{r['dtype']:<6}{r['impl']:<24}{r['strategy'] or '':<9}{r['fwd_ms']:>10.3f}{bwd:>10}"
+              f"{fx:>8}{bx:>8}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--cases", default=None, help="comma-separated subset of " + ",".join(CASES))
+    parser.add_argument("--dtypes", default=None, help="comma-separated subset of fp16,bf16,fp32")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    parser.add_argument("--no-layer", action="store_true", help="skip the MMFS layer benchmark (GPU)")
+    parser.add_argument("--out", default=os.environ.get("DEEM_BENCH_OUT", "benchmarks/results"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here; use --device cpu")
+    if args.device == "cuda":
+        cases = args.cases.split(",") if args.cases else ["llm_8img", "llm_2img", "unet_64", "unet_16"]
+        dtypes = args.dtypes.split(",") if args.dtypes else ["fp16", "bf16"]
+        reps = args.reps or 20
+    else:
+        cases = args.cases.split(",") if args.cases else ["unet_16", "llm_2img_n1"]
+        dtypes = args.dtypes.split(",") if args.dtypes else ["fp32"]
+        reps = args.reps or 5
+    records = []
+    for case in cases:
+        for dtype in dtypes:
+            print(f"timing {case} {dtype} ...", file=sys.stderr, flush=True)
+            records += bench_core(case, dtype, args.device, reps)
+    if args.device == "cuda" and not args.no_layer:
+        for dtype in dtypes:
+            print(f"timing the MMFS layer {dtype} ...", file=sys.stderr, flush=True)
+            records += bench_mmfs_layer(dtype, reps)
+    env = environment(args.device)
+    for r in records:
+        r.update(env)
+    print(f"\n{env['card']}, torch {env['torch']}, CUDA {env.get('cuda', '-')}, {env['date']}")
+    print_table(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"msda_{args.device}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
