@@ -60,7 +60,7 @@ def make_inputs(case: dict, dtype: torch.dtype, device: str, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------- timing
 
-def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True) -> tuple[float, str]:
+def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True, label: str = "") -> tuple[float, str]:
     """Median milliseconds of `fn` on the GPU: CUDA-graph replays when `fn` can be captured
     (no launch gaps), else back-to-back eager calls between CUDA events."""
     stream = torch.cuda.Stream()
@@ -79,7 +79,9 @@ def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True) -> tu
             graph.replay()
             torch.cuda.synchronize()
             runner, mode = graph.replay, "graph"
-        except Exception:  # not capturable (host syncs, host-to-device copies): time it eagerly
+        except Exception as err:  # not capturable (host syncs, host-to-device copies): time it eagerly
+            print(f"  {label}: not graph-capturable, timed eagerly ({type(err).__name__}: {str(err)[:120]})",
+                  file=sys.stderr)
             torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -108,22 +110,27 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
     case = CASES[case_name]
     dtype = DTYPES[dtype_name]
     value, shapes, starts, loc, weights = make_inputs(case, dtype, device)
-    timer = (lambda f, r=reps: time_cuda(f, r)) if device == "cuda" else (lambda f, r=reps: time_cpu(f, r))
+    label = f"{case_name} {dtype_name}"
+    if device == "cuda":
+        timer = lambda f, r=reps, what="": time_cuda(f, r, label=f"{label} {what}")
+    else:
+        timer = lambda f, r=reps, what="": time_cpu(f, r)
     N, Lq = case["N"], case["Lq"]
-    grad = torch.randn(N, Lq, M * D, device=device, dtype=dtype)
+    # CPU random numbers only: an aborted graph capture must not disturb the CUDA generator
+    grad = torch.randn(N, Lq, M * D, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     records = []
 
     def record(impl, fwd, bwd, mode, strategy=None):
         records.append(dict(case=case_name, dtype=dtype_name, impl=impl, strategy=strategy, fwd_ms=fwd, bwd_ms=bwd,
                             fwd_bwd_ms=None if fwd is None or bwd is None else fwd + bwd, timing=mode))
 
-    fwd, mode = timer(lambda: ms_deform_attn(value, shapes, starts, loc, weights))
+    fwd, mode = timer(lambda: ms_deform_attn(value, shapes, starts, loc, weights), what="deem fwd")
     backward = torch.ops.deem.ms_deform_attn_backward
     strategies = ["atomic", "owner", "auto"] if device == "cuda" else ["auto"]
     for strategy in strategies:
         with grad_value_strategy(strategy):
             try:
-                bwd, _ = timer(lambda: backward(grad, value, shapes, starts, loc, weights))
+                bwd, _ = timer(lambda: backward(grad, value, shapes, starts, loc, weights), what=f"deem bwd {strategy}")
             except ValueError as err:  # strategy does not fit this shape
                 print(f"  {case_name} {dtype_name} {strategy}: {err}", file=sys.stderr)
                 continue
@@ -131,9 +138,10 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
 
     ref_reps = max(3, reps // 4)
     leaves = [value.clone().requires_grad_(), loc.clone().requires_grad_(), weights.clone().requires_grad_()]
-    ref_fwd, ref_mode = timer(lambda: ms_deform_attn_reference(value, shapes, starts, loc, weights), ref_reps)
+    ref_fwd, ref_mode = timer(lambda: ms_deform_attn_reference(value, shapes, starts, loc, weights), ref_reps,
+                              "reference fwd")
     out = ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1], leaves[2])
-    ref_bwd, _ = timer(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), ref_reps)
+    ref_bwd, _ = timer(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), ref_reps, "reference bwd")
     record("reference", ref_fwd, ref_bwd, ref_mode)
     return records
 
@@ -161,14 +169,15 @@ def bench_mmfs_layer(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq:
         original.load_state_dict(deem_layer.state_dict())
         layers[f"original+{core}_op"] = original
     S = sum(h * w for h, w in LLM_IMAGE)
-    query = torch.randn(B, Lq, 4096, device="cuda", dtype=dtype)
-    feats = torch.randn(B, n_img, S, 1024, device="cuda", dtype=dtype)
+    cpu = torch.Generator().manual_seed(2)
+    query = torch.randn(B, Lq, 4096, generator=cpu).to("cuda", dtype)
+    feats = torch.randn(B, n_img, S, 1024, generator=cpu).to("cuda", dtype)
     ref = torch.full((1, Lq, 1, 2), 0.5, device="cuda", dtype=dtype)
     image_start = torch.arange(n_img, device="cuda") * (Lq // n_img)
     mask = (image_start[None, None, :] <= torch.arange(Lq, device="cuda")[None, :, None]).expand(B, Lq, n_img)
     mask = mask.to(dtype).contiguous()
     shapes = LLM_IMAGE * n_img
-    grad = torch.randn(B, Lq, 4096, device="cuda", dtype=dtype)
+    grad = torch.randn(B, Lq, 4096, generator=cpu).to("cuda", dtype)
     records = []
     for name, layer in layers.items():
         q = query.clone().requires_grad_()
@@ -182,8 +191,8 @@ def bench_mmfs_layer(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq:
             out = layer(q, ref, feats, shapes, None, mask)
             torch.autograd.backward(out, grad)
 
-        fwd, mode = time_cuda(forward, r)
-        fb, _ = time_cuda(forward_backward, r)
+        fwd, mode = time_cuda(forward, r, label=f"layer {name} fwd")
+        fb, _ = time_cuda(forward_backward, r, label=f"layer {name} fwd+bwd")
         layer.zero_grad(set_to_none=True)
         records.append(dict(case="mmfs_layer_llm_8img", dtype=dtype_name, impl=name, strategy="auto", fwd_ms=fwd,
                             bwd_ms=fb - fwd, fwd_bwd_ms=fb, timing=mode,
