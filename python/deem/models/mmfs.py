@@ -86,11 +86,8 @@ class MMFS(nn.Module):
         self.offset_init_magnitude = offset_init_magnitude
         self.base_spatial_shape = base_spatial_shape
         self.max_num_image_per_seq = max_num_image_per_seq
-        self.register_buffer(
-            "scale_ratios",
-            torch.tensor([s / base_spatial_shape for s in spatial_shapes], dtype=torch.float32),
-            persistent=False,
-        )
+        # Python floats, not a buffer: reading them never syncs with (or copies from) the GPU.
+        self.scale_ratios = tuple(s / base_spatial_shape for s in spatial_shapes)
         self.sampling_offsets = nn.Linear(d_query, n_heads * n_points * 2)
         self.dynamic_offset_mask = nn.Linear(d_query, d_query)
         self.attention_weights = nn.Linear(d_query, n_heads * n_levels * (n_points + 1))
@@ -124,7 +121,7 @@ class MMFS(nn.Module):
         return w, b
 
     def _level_factors(self, shapes: list[tuple[int, int]]) -> tuple[list[float], list[float]]:
-        ratios = self.scale_ratios.tolist()
+        ratios = self.scale_ratios
         return [r / w for r, (_, w) in zip(ratios, shapes)], [r / h for r, (h, _) in zip(ratios, shapes)]
 
     def forward(

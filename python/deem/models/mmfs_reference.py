@@ -32,7 +32,7 @@ class OriginalMMFS(MMFS):
         shapes = torch.as_tensor(input_spatial_shapes).reshape(-1, 2)  # [n*Lv, 2] (repeated per image)
         nl = shapes.shape[0]
         assert nl == n * Lv
-        mask = attention_mask.float()
+        mask = attention_mask.to(query.dtype)
         if mask.dim() == 2:
             mask = mask[:, None, :].expand(N, Lq, n)
         elif mask.shape[1] != Lq:
@@ -43,7 +43,7 @@ class OriginalMMFS(MMFS):
         q_rep = query[:, None].repeat(1, n, 1, 1)  # [N, n, Lq, dq]
         q_n = self.dynamic_offset_mask(q_rep) + self.query_relpos(relpos.permute(0, 2, 1))
         off = self.sampling_offsets(q_n).view(N, n, Lq, H, 1, P, 2).permute(0, 2, 3, 1, 4, 5, 6)
-        off = off * self.scale_ratios.to(off).view(1, 1, 1, 1, Lv, 1, 1)  # [N, Lq, H, n, Lv, P, 2]
+        off = off * torch.tensor(self.scale_ratios).to(off).view(1, 1, 1, 1, Lv, 1, 1)  # [N, Lq, H, n, Lv, P, 2]
         off = off.flatten(3, 4)
         logits = self.attention_weights(q_n).view(N, n, Lq, H, Lv, P + 1).permute(0, 2, 3, 1, 4, 5)
         logits = logits + (1 - mask)[:, :, None, :, None, None] * -10000.0
