@@ -137,6 +137,7 @@ class RecordDataset(Dataset):
             self.tracker.record_good()
             item.setdefault("dataset", self.name)
             item["index"] = i
+            item["seed"] = (self.seed, self.epoch, i)
             return item
         if self.replace_bad:
             raise DataError(f"{self.name}: {self.max_retries} consecutive bad samples from index {index}")

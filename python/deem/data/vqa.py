@@ -22,6 +22,9 @@ from deem.data.images import DualViewTransform
 from deem.data.prompts import CAPTION_QUESTIONS, merged_prompts
 from deem.data.records import RecordDataset, parse_records, read_json, read_jsonl
 
+QA_TYPES = frozenset({"vqav2", "okvqa", "textvqa", "aokvqa", "ocrvqa", "gqa", "coco_vqa", "llava", "vizwiz", "pope",
+                      "robustvqa", "mmvp"})
+
 
 @dataclass
 class QARecord:
