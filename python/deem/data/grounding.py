@@ -171,12 +171,15 @@ def read_vg_regions(regions_file, image_data_file, image_roots, tracker, max_are
 
 
 def read_refcoco_eval(annotation, image_root, tracker) -> list[RegionRecord]:
-    """RefCOCO grounding eval list ({img_id, sents, bbox: [x, y, w, h]}); image = <root>/<img_id[:27]>.jpg."""
+    """RefCOCO grounding eval list ({img_id, sents, bbox: [x, y, w, h]}); the image is the COCO file name that
+    starts `img_id` (`COCO_train2014_<12 digits>`, i.e. its first 27 characters) + ".jpg"."""
 
     def parse(key, row):
+        m = re.match(r"(.*?_\d{12})", row["img_id"])
+        stem = m.group(1) if m else row["img_id"][:27]
         x, y, bw, bh = (float(v) for v in row["bbox"])
         sents = row["sents"] if isinstance(row["sents"], list) else [row["sents"]]
-        return RegionRecord(Path(image_root) / f"{row['img_id'][:27]}.jpg", [str(s) for s in sents],
+        return RegionRecord(Path(image_root) / f"{stem}.jpg", [str(s) for s in sents],
                             (x, y, x + bw, y + bh), f"{key} ({row['img_id']})")
 
     rows = read_json(annotation)
