@@ -176,6 +176,8 @@ def load_llama_tokenizer(path: str | Path, pad_id: int | None = LLAMA_PAD_ID, nu
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types; name the directory
         raise DataError(f"cannot load a tokenizer from {path}: {exc}") from exc
+    if len(hf) < 100:  # transformers builds an (almost) empty tokenizer when the vocabulary file is missing
+        raise DataError(f"tokenizer in {path} has only {len(hf)} tokens: tokenizer.model / tokenizer.json missing?")
     add_deem_tokens(hf, grounding=True)
     special = special_tokens_of(hf, pad_id=pad_id)
     if len(hf) == 32006 and (special.soi_id, special.image_id, special.box_end_id) != (32000, 32001, 32005):
