@@ -205,6 +205,27 @@ def bench_mmfs_layer(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq:
     return records
 
 
+def profile(dtype_name: str) -> None:
+    """Per-kernel CUDA times (torch.profiler) of the llm_8img backward (each strategy) and of one
+    MMFS layer forward + backward, to see where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    value, shapes, starts, loc, weights = make_inputs(CASES["llm_8img"], DTYPES[dtype_name], "cuda")
+    grad = torch.randn(4, 2048, M * D, generator=torch.Generator().manual_seed(1)).to("cuda", DTYPES[dtype_name])
+    for strategy in ("atomic", "owner"):
+        with grad_value_strategy(strategy):
+            for _ in range(2):
+                torch.ops.deem.ms_deform_attn_backward(grad, value, shapes, starts, loc, weights)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    torch.ops.deem.ms_deform_attn_backward(grad, value, shapes, starts, loc, weights)
+                torch.cuda.synchronize()
+        print(f"--- llm_8img {dtype_name} backward, strategy {strategy} (5 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+
+
 # ------------------------------------------------------------------------------------- output
 
 def environment(device: str) -> dict:
@@ -241,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--no-layer", action="store_true", help="skip the MMFS layer benchmark (GPU)")
     parser.add_argument("--out", default=os.environ.get("DEEM_BENCH_OUT", "benchmarks/results"))
+    parser.add_argument("--profile", action="store_true", help="print per-kernel times of the llm_8img backward")
     args = parser.parse_args(argv)
+    if args.profile:
+        profile((args.dtypes or "bf16").split(",")[0])
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here; use --device cpu")
     if args.device == "cuda":

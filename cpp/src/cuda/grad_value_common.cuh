@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "kernel_common.cuh"
 
@@ -82,14 +83,155 @@ void launch_cast_accum(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n, cud
   check_launch("cast_accum_kernel");
 }
 
-// Zeroed shared-memory slice -> written once to grad_value rows [row0, row0 + rows) of (n, m).
-template <typename scalar_t>
-__device__ __forceinline__ void owner_write_slice(const float* smem, scalar_t* grad_value, int64_t row_base,
-                                                  int rows, int chunk, int c0, int64_t pix_stride) {
-  for (int i = threadIdx.x; i < rows * chunk; i += blockDim.x) {
-    const int r = i / chunk, c = i - r * chunk;
-    grad_value[(row_base + r) * pix_stride + c0 + c] = from_acc<scalar_t>(smem[i]);
+// ---------------------------------------------------------------------------------------------
+// Slice-ownership kernel. One CTA owns the d(value) rows of one level group (or one image's
+// group) for one (batch, head, channel chunk) and scans every (query, level, point) item that can
+// touch them. Accumulation is in shared memory:
+//   * 16-bit values: fixed point in int32 with native shared-memory integer atomics. The scale is a
+//     power of two chosen from an exact bound B >= |any accumulated element| (sum over queries of
+//     max|g| * sum|a|), so |sum| * scale <= 2^30: no overflow, resolution B * 2^-30, and the
+//     result is deterministic (integer addition is order independent).
+//   * 32-bit values: float atomics (a compare-and-swap loop on sm_90).
+// Each lane computes the bilinear corners of one item; the warp then walks the staged items with
+// lanes mapped to channels, so every corner costs one shared-memory atomic per channel.
+
+constexpr int kStage = 32;  // items staged per warp
+
+struct StagedItem {
+  int pixel[4];   // row within the slice (-1: no contribution)
+  float weight[4];
+  int query;
+};
+
+// Source: the policy that enumerates a slice's items.
+//   int items_per_query() const;
+//   bool visible(int q) const;
+//   float abs_weight_sum(int q) const;    // >= sum |a| of the query's items (fixed-point bound)
+//   void item(int q, int j, float& x, float& y, float& a, int& level) const;
+//   int64_t grad_row(int q) const;        // row of grad_output for (n, q, m)
+template <typename scalar_t, bool kFixed, typename Source>
+__device__ void owner_accumulate(const Source& src, const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value,
+                                 int64_t grad_value_row0, int64_t pix_stride, int queries, int channels, int chunk,
+                                 int c0, int rows, int row0, const LevelTable& levels) {
+  extern __shared__ __align__(16) unsigned char owner_smem[];
+  using acc_elem = typename std::conditional<kFixed, int, float>::type;
+  acc_elem* slice = reinterpret_cast<acc_elem*>(owner_smem);
+  const int warps = blockDim.x >> 5;
+  StagedItem* stage = reinterpret_cast<StagedItem*>(owner_smem + static_cast<size_t>(rows) * chunk * 4) +
+                      (threadIdx.x >> 5) * kStage;
+  __shared__ float bound_sum;
+  __shared__ int bound_bad;
+  for (int k = threadIdx.x; k < rows * chunk; k += blockDim.x) slice[k] = acc_elem(0);
+  if (threadIdx.x == 0) {
+    bound_sum = 0.f;
+    bound_bad = 0;
+  }
+  __syncthreads();
+
+  float scale = 1.f;
+  if constexpr (kFixed) {
+    float local = 0.f;
+    for (int q = threadIdx.x; q < queries; q += blockDim.x) {
+      if (!src.visible(q)) continue;
+      const scalar_t* g = grad_out + src.grad_row(q) * channels + c0;
+      float gmax = 0.f;
+      for (int c = 0; c < chunk; ++c) gmax = fmaxf(gmax, fabsf(to_acc(g[c])));
+      local += gmax * src.abs_weight_sum(q);
+    }
+    for (int off = 16; off > 0; off >>= 1) local += __shfl_xor_sync(0xffffffffu, local, off);
+    if ((threadIdx.x & 31) == 0) atomicAdd(&bound_sum, local);
+    __syncthreads();
+    const float bound = bound_sum;
+    if (!isfinite(bound)) {
+      if (threadIdx.x == 0) bound_bad = 1;
+    } else if (bound > 0.f) {
+      int e;
+      frexpf(bound, &e);                        // bound < 2^e
+      scale = ldexpf(1.f, 30 - max(e, -90));    // bound * scale < 2^30, scale finite
+    }
+    __syncthreads();
+  }
+
+  const int lane = threadIdx.x & 31;
+  const int T = min(chunk, 32);       // lanes per staged item during accumulation
+  const int per_lane = chunk / T;
+  const int sub = lane / T, t = lane % T;
+  const int ipq = src.items_per_query();
+  const int64_t total = static_cast<int64_t>(queries) * ipq;
+  for (int64_t base = static_cast<int64_t>(threadIdx.x >> 5) * kStage; base < total;
+       base += static_cast<int64_t>(warps) * kStage) {
+    {
+      StagedItem it;
+      const int64_t idx = base + lane;
+      it.query = -1;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        it.pixel[k] = -1;
+        it.weight[k] = 0.f;
+      }
+      if (idx < total) {
+        const int q = static_cast<int>(idx / ipq), j = static_cast<int>(idx - static_cast<int64_t>(q) * ipq);
+        if (src.visible(q)) {
+          float x, y, a;
+          int l;
+          src.item(q, j, x, y, a, l);
+          const detail::Bilinear<float> b = detail::bilinear<float>(x, y, levels.height[l], levels.width[l]);
+          if (b.inside && a != 0.f) {
+            it.query = q;
+            const int level_row = levels.start[l] - row0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const float w = a * b.weight[k] * scale;
+              it.pixel[k] = w != 0.f ? level_row + b.pixel[k] : -1;
+              it.weight[k] = w;
+            }
+          }
+        }
+      }
+      stage[lane] = it;
+    }
+    __syncwarp();
+    int current_q = -1;
+    float g[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = sub; i < kStage; i += 32 / T) {
+      const StagedItem& it = stage[i];
+      const int q = it.query;
+      if (q < 0) continue;
+      if (q != current_q) {
+        current_q = q;
+        const scalar_t* go = grad_out + src.grad_row(q) * channels + c0 + t;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) g[kk] = kk < per_lane ? to_acc(go[kk * T]) : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int pix = it.pixel[k];
+        if (pix < 0) continue;
+        const float w = it.weight[k];
+        acc_elem* dst = slice + pix * chunk + t;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          if (kk >= per_lane) break;
+          if constexpr (kFixed) {
+            atomicAdd(dst + kk * T, __float2int_rn(w * g[kk]));
+          } else {
+            atomicAdd(dst + kk * T, w * g[kk]);
+          }
+        }
+      }
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+  const bool bad = kFixed && bound_bad;
+  const float inv = 1.f / scale;
+  for (int k = threadIdx.x; k < rows * chunk; k += blockDim.x) {
+    const int r = k / chunk, c = k - r * chunk;
+    const float v = bad ? __int_as_float(0x7fc00000) : static_cast<float>(slice[k]) * inv;
+    grad_value[(grad_value_row0 + r) * pix_stride + c0 + c] = from_acc<scalar_t>(v);
   }
 }
+
+inline size_t owner_stage_bytes(int threads) { return static_cast<size_t>(threads / 32) * kStage * sizeof(StagedItem); }
 
 }  // namespace deem::cuda

@@ -16,14 +16,16 @@ namespace deem {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;      // backward
+constexpr int kMaxForwardThreads = 1024;
 
 struct Dims {
   int I, M, D, Lq, P, L, G, q_blocks;
+  int threads;
   int64_t S;  // rows per image
 };
 
-Dims make_dims(const MmfsProblem& pr, int group) {
+Dims make_dims(const MmfsProblem& pr, int group, int threads) {
   Dims d;
   d.I = static_cast<int>(pr.images);
   d.M = static_cast<int>(pr.heads);
@@ -33,7 +35,8 @@ Dims make_dims(const MmfsProblem& pr, int group) {
   d.L = pr.levels.count;
   d.G = group;
   d.S = pr.image_len;
-  const int groups_per_block = kThreads / group;
+  d.threads = threads;
+  const int groups_per_block = threads / group;
   d.q_blocks = (d.Lq + groups_per_block - 1) / groups_per_block;
   return d;
 }
@@ -73,7 +76,7 @@ __device__ __forceinline__ acc group_lse(const acc* __restrict__ logits, const u
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxForwardThreads)
     mmfs_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                         const acc_t<scalar_t>* __restrict__ logits, const uint8_t* __restrict__ visible,
                         const scalar_t* __restrict__ ignore, scalar_t* __restrict__ out,
@@ -82,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
   const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
+  const int q = (blockIdx.x - nm * d.q_blocks) * (d.threads / d.G) + threadIdx.x / d.G;
   if (q >= d.Lq) return;
   const int n = nm / d.M, m = nm - n * d.M;
   const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
@@ -278,7 +281,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Slice ownership for d(value): CTA (n, image, head, level group, channel chunk).
+// Slice ownership for d(value): CTA (n, image, head, level group, channel chunk); see owner_accumulate.
+struct MmfsOwnerSource {
+  const float* loc;
+  const float* logits;
+  const float* lse;
+  const uint8_t* visible_mask;
+  int n, i, m, I, M, Lq, LP, P, level_begin, group_levels;
+
+  __device__ int64_t nq(int q) const { return static_cast<int64_t>(n) * Lq + q; }
+  __device__ int items_per_query() const { return group_levels * P; }
+  __device__ bool visible(int q) const { return visible_mask[nq(q) * I + i] != 0; }
+  __device__ int64_t grad_row(int q) const { return nq(q) * M + m; }
+  __device__ float abs_weight_sum(int) const { return 1.f; }  // softmax weights with a null slot: sum < 1
+  __device__ void item(int q, int j, float& x, float& y, float& a, int& level) const {
+    const int dl = j / P, p = j - dl * P;
+    level = level_begin + dl;
+    const int64_t e = (nq(q) * I + i) * M + m;
+    a = __expf(logits[e * LP + level * P + p] - lse[grad_row(q)]);
+    x = loc[(e * P + p) * 2];
+    y = loc[(e * P + p) * 2 + 1];
+  }
+};
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kOwnerThreads)
     mmfs_grad_value_owner_kernel(const float* __restrict__ loc, const float* __restrict__ logits,
@@ -286,7 +311,6 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                  const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
                                  int chunk, const __grid_constant__ LevelTable levels,
                                  const __grid_constant__ OwnerGroups groups) {
-  extern __shared__ float slice[];
   const int n_chunks = d.D / chunk;
   int bid = blockIdx.x;
   const int ck = bid % n_chunks;
@@ -296,58 +320,18 @@ __global__ void __launch_bounds__(kOwnerThreads)
   const int m = bid % d.M;
   bid /= d.M;
   const int i = bid % d.I, n = bid / d.I;
-  const int rows = groups.rows[gi], row0 = groups.row_begin[gi];
-  for (int k = threadIdx.x; k < rows * chunk; k += blockDim.x) slice[k] = 0.f;
-  __syncthreads();
-
-  const int T = min(chunk, 32);
-  const int per_lane = chunk / T;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int slots_per_warp = 32 / T;
-  const int slot = warp * slots_per_warp + lane / T, t = lane % T;
-  const int n_slots = (blockDim.x >> 5) * slots_per_warp;
-  const int c0 = ck * chunk;
-  const int LP = d.L * d.P;
-  const int lb = groups.level_begin[gi], le = groups.level_end[gi];
-
-  for (int q = slot; q < d.Lq; q += n_slots) {
-    const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
-    if (!visible[nq * d.I + i]) continue;
-    const int64_t row = nq * d.M + m;
-    const float lse = lse_in[row];
-    float g[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) g[k] = k < per_lane ? to_acc(grad_out[row * d.D + c0 + t + k * T]) : 0.f;
-    const int64_t e = (nq * d.I + i) * d.M + m;
-    const float* xy = loc + e * d.P * 2;
-    const float* z = logits + e * LP;
-    for (int p = 0; p < d.P; ++p) {
-      const float x = xy[2 * p], y = xy[2 * p + 1];
-      for (int l = lb; l < le; ++l) {
-        const float a = __expf(z[l * d.P + p] - lse);
-        const detail::Bilinear<float> b = detail::bilinear<float>(x, y, levels.height[l], levels.width[l]);
-        if (!b.inside || a == 0.f) continue;
-        float* s_l = slice + (levels.start[l] - row0) * chunk + t;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float wk = a * b.weight[k];
-          if (wk == 0.f) continue;
-          float* dst = s_l + b.pixel[k] * chunk;
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            if (kk < per_lane) atomicAdd(dst + kk * T, wk * g[kk]);
-          }
-        }
-      }
-    }
-  }
-  __syncthreads();
-  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
-  owner_write_slice(slice, grad_value + static_cast<int64_t>(m) * d.D,
-                    (static_cast<int64_t>(n) * d.I + i) * d.S + row0, rows, chunk, c0, pix);
+  const MmfsOwnerSource src{loc, logits, lse_in, visible, n, i, m, d.I, d.M, d.Lq, d.L * d.P, d.P,
+                            groups.level_begin[gi], groups.level_end[gi] - groups.level_begin[gi]};
+  constexpr bool kFixed = !std::is_same_v<scalar_t, float>;
+  owner_accumulate<scalar_t, kFixed>(src, grad_out, grad_value + static_cast<int64_t>(m) * d.D,
+                                     (static_cast<int64_t>(n) * d.I + i) * d.S + groups.row_begin[gi],
+                                     static_cast<int64_t>(d.M) * d.D, d.Lq, d.D, chunk, ck * chunk, groups.rows[gi],
+                                     groups.row_begin[gi], levels);
 }
 
-int owner_budget() { return std::min(max_dynamic_smem_bytes() - 2048, 200 * 1024); }
+int owner_budget() {
+  return std::min(max_dynamic_smem_bytes() - 4096, 200 * 1024) - static_cast<int>(owner_stage_bytes(kOwnerThreads));
+}
 
 }  // namespace
 }  // namespace cuda
@@ -357,13 +341,13 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
   cuda::dispatch_value(pr.value_dtype, [&](auto vt) {
     using scalar_t = typename decltype(vt)::type;
     using acc = cuda::acc_t<scalar_t>;
-    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::forward_threads());
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.output, "output");
     cuda::require_aligned(args.ignore_token, "ignore_token");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
-    cuda::mmfs_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+    cuda::mmfs_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), d.threads, 0, stream>>>(
         static_cast<const scalar_t*>(args.value), static_cast<const acc*>(args.locations),
         static_cast<const acc*>(args.logits), args.visible, static_cast<const scalar_t*>(args.ignore_token),
         static_cast<scalar_t*>(args.output), static_cast<acc*>(args.lse), d, pr.levels);
@@ -390,7 +374,7 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
   cuda::dispatch_value(pr.value_dtype, [&](auto vt) {
     using scalar_t = typename decltype(vt)::type;
     using acc = cuda::acc_t<scalar_t>;
-    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.grad_output, "grad_output");
     cuda::require_aligned(args.ignore_token, "ignore_token");
@@ -436,7 +420,7 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
         cuda::check_launch("mmfs_backward_kernel");
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-      const size_t smem = plan.smem_bytes();
+      const size_t smem = plan.smem_bytes() + cuda::owner_stage_bytes(cuda::kOwnerThreads);
       auto kernel = cuda::mmfs_grad_value_owner_kernel<scalar_t>;
       cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                        "cudaFuncSetAttribute(owner kernel)");

@@ -15,14 +15,16 @@ namespace deem {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;      // backward
+constexpr int kMaxForwardThreads = 1024;
 
 struct Dims {
   int M, D, Lq, P, L, G, q_blocks;
+  int threads;
   int64_t S;
 };
 
-Dims make_dims(const MsdaProblem& pr, int group) {
+Dims make_dims(const MsdaProblem& pr, int group, int threads) {
   Dims d;
   d.M = static_cast<int>(pr.heads);
   d.D = static_cast<int>(pr.channels);
@@ -31,13 +33,14 @@ Dims make_dims(const MsdaProblem& pr, int group) {
   d.L = pr.levels.count;
   d.G = group;
   d.S = pr.value_len;
-  const int groups_per_block = kThreads / group;
+  d.threads = threads;
+  const int groups_per_block = threads / group;
   d.q_blocks = (d.Lq + groups_per_block - 1) / groups_per_block;
   return d;
 }
 
 template <typename scalar_t, typename weight_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxForwardThreads)
     msda_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                         const weight_t* __restrict__ weights, scalar_t* __restrict__ out, Dims d,
                         const __grid_constant__ LevelTable levels) {
@@ -45,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
   const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
+  const int q = (blockIdx.x - nm * d.q_blocks) * (d.threads / d.G) + threadIdx.x / d.G;
   if (q >= d.Lq) return;
   const int n = nm / d.M, m = nm - n * d.M;
   const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
@@ -186,16 +189,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Slice ownership: CTA (n, m, level group, channel chunk) accumulates d(value) of its rows in
-// shared memory over every query and writes them once, in the value dtype. No global atomics.
+// Slice ownership: CTA (n, m, level group, channel chunk); see owner_accumulate.
+template <typename weight_t>
+struct MsdaOwnerSource {
+  const float* loc;
+  const weight_t* weights;
+  int n, m, M, Lq, LP, P, level_begin, group_levels;
+
+  __device__ int items_per_query() const { return group_levels * P; }
+  __device__ bool visible(int) const { return true; }
+  __device__ int64_t grad_row(int q) const { return (static_cast<int64_t>(n) * Lq + q) * M + m; }
+  __device__ float abs_weight_sum(int q) const {
+    const weight_t* w = weights + grad_row(q) * LP + level_begin * P;
+    float s = 0.f;
+    for (int j = 0; j < group_levels * P; ++j) s += fabsf(to_acc(w[j]));
+    return s;
+  }
+  __device__ void item(int q, int j, float& x, float& y, float& a, int& level) const {
+    const int dl = j / P;
+    level = level_begin + dl;
+    const int64_t idx = grad_row(q) * LP + level * P + (j - dl * P);
+    a = to_acc(weights[idx]);
+    x = loc[2 * idx];
+    y = loc[2 * idx + 1];
+  }
+};
+
 template <typename scalar_t, typename weight_t>
 __global__ void __launch_bounds__(kOwnerThreads)
-    msda_grad_value_owner_kernel(const acc_t<scalar_t>* __restrict__ loc, const weight_t* __restrict__ weights,
+    msda_grad_value_owner_kernel(const float* __restrict__ loc, const weight_t* __restrict__ weights,
                                  const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
                                  int chunk, const __grid_constant__ LevelTable levels,
                                  const __grid_constant__ OwnerGroups groups) {
-  using acc = acc_t<scalar_t>;
-  extern __shared__ float slice[];
   const int n_chunks = d.D / chunk;
   int bid = blockIdx.x;
   const int ck = bid % n_chunks;
@@ -203,56 +228,18 @@ __global__ void __launch_bounds__(kOwnerThreads)
   const int gi = bid % groups.count;
   bid /= groups.count;
   const int m = bid % d.M, n = bid / d.M;
-  const int rows = groups.rows[gi], row0 = groups.row_begin[gi];
-  for (int i = threadIdx.x; i < rows * chunk; i += blockDim.x) slice[i] = 0.f;
-  __syncthreads();
-
-  const int T = min(chunk, 32);  // lanes per query; lane t owns channels t, t+T, ...
-  const int per_lane = chunk / T;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int slots_per_warp = 32 / T;
-  const int slot = warp * slots_per_warp + lane / T, t = lane % T;
-  const int n_slots = (blockDim.x >> 5) * slots_per_warp;
-  const int c0 = ck * chunk;
-  const int64_t LP = static_cast<int64_t>(d.L) * d.P;
-  const int lb = groups.level_begin[gi], le = groups.level_end[gi];
-
-  for (int q = slot; q < d.Lq; q += n_slots) {
-    const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
-    float g[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) g[k] = k < per_lane ? to_acc(grad_out[row * d.D + c0 + t + k * T]) : 0.f;
-    const acc* loc_q = loc + row * LP * 2;
-    const weight_t* w_q = weights + row * LP;
-    for (int l = lb; l < le; ++l) {
-      const int H = levels.height[l], W = levels.width[l];
-      float* s_l = slice + (levels.start[l] - row0) * chunk + t;
-      for (int p = 0; p < d.P; ++p) {
-        const int idx = l * d.P + p;
-        const float a = to_acc(w_q[idx]);
-        if (a == 0.f) continue;
-        const detail::Bilinear<float> b = detail::bilinear<float>(loc_q[2 * idx], loc_q[2 * idx + 1], H, W);
-        if (!b.inside) continue;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float wk = a * b.weight[k];
-          if (wk == 0.f) continue;
-          float* dst = s_l + b.pixel[k] * chunk;
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            if (kk < per_lane) atomicAdd(dst + kk * T, wk * g[kk]);
-          }
-        }
-      }
-    }
-  }
-  __syncthreads();
-  const int64_t pix = static_cast<int64_t>(d.M) * d.D;
-  owner_write_slice(slice, grad_value + static_cast<int64_t>(m) * d.D, static_cast<int64_t>(n) * d.S + row0, rows,
-                    chunk, c0, pix);
+  const MsdaOwnerSource<weight_t> src{loc, weights, n, m, d.M, d.Lq, d.L * d.P, d.P, groups.level_begin[gi],
+                                      groups.level_end[gi] - groups.level_begin[gi]};
+  constexpr bool kFixed = !std::is_same_v<scalar_t, float>;
+  owner_accumulate<scalar_t, kFixed>(src, grad_out, grad_value + static_cast<int64_t>(m) * d.D,
+                                     static_cast<int64_t>(n) * d.S + groups.row_begin[gi],
+                                     static_cast<int64_t>(d.M) * d.D, d.Lq, d.D, chunk, ck * chunk, groups.rows[gi],
+                                     groups.row_begin[gi], levels);
 }
 
-int owner_budget() { return std::min(max_dynamic_smem_bytes() - 2048, 200 * 1024); }
+int owner_budget() {
+  return std::min(max_dynamic_smem_bytes() - 4096, 200 * 1024) - static_cast<int>(owner_stage_bytes(kOwnerThreads));
+}
 
 }  // namespace
 }  // namespace cuda
@@ -262,12 +249,12 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
   cuda::dispatch_value_weight(pr.value_dtype, pr.weight_dtype, [&](auto vt, auto wt) {
     using scalar_t = typename decltype(vt)::type;
     using weight_t = typename decltype(wt)::type;
-    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::forward_threads());
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.output, "output");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
-    cuda::msda_forward_kernel<scalar_t, weight_t><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+    cuda::msda_forward_kernel<scalar_t, weight_t><<<static_cast<unsigned>(blocks), d.threads, 0, stream>>>(
         static_cast<const scalar_t*>(args.value), static_cast<const cuda::acc_t<scalar_t>*>(args.locations),
         static_cast<const weight_t*>(args.weights), static_cast<scalar_t*>(args.output), d, pr.levels);
     cuda::check_launch("msda_forward_kernel");
@@ -295,7 +282,7 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
     using scalar_t = typename decltype(vt)::type;
     using weight_t = typename decltype(wt)::type;
     using acc = cuda::acc_t<scalar_t>;
-    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels));
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.grad_output, "grad_output");
     cuda::require_aligned(args.grad_value_accum, "grad_value_accum");
@@ -338,7 +325,7 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
         cuda::check_launch("msda_backward_kernel");
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-      const size_t smem = plan.smem_bytes();
+      const size_t smem = plan.smem_bytes() + cuda::owner_stage_bytes(cuda::kOwnerThreads);
       auto kernel = cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>;
       cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                        "cudaFuncSetAttribute(owner kernel)");
