@@ -24,7 +24,7 @@ def test_views_share_one_flip_decision():
     for seed in range(12):
         enc, dec, params = tf(_half_image(), np.random.default_rng(seed))
         assert enc.shape == (3, 8, 8) and dec.shape == (3, 24, 24)
-        assert enc.dtype == torch.float32 and 0.0 <= float(enc.min()) and float(enc.max()) <= 1.0
+        assert enc.dtype == torch.float32 and float(enc.min()) >= 0.0 and float(enc.max()) <= 1.0
         left_is_red = [bool(v[0, :, 0].mean() > v[2, :, 0].mean()) for v in (enc, dec)]
         assert left_is_red[0] == left_is_red[1] == (not params.flip), "both views must be flipped together"
         flips.add(params.flip)
@@ -67,7 +67,7 @@ def test_random_crop_contains_box():
         box = (30.0, 20.0, 45.0, 35.0)
         left, top, right, bottom = random_crop_containing((100, 80), box, rng)
         assert left <= box[0] and top <= box[1] and right >= box[2] and bottom >= box[3]
-        assert 0 <= left and 0 <= top and right <= 100 and bottom <= 80
+        assert left >= 0 and top >= 0 and right <= 100 and bottom <= 80
 
 
 def test_load_image_errors(tmp_path):
