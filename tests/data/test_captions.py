@@ -66,7 +66,8 @@ def test_text_to_image_template(tok, karpathy):
     ids = batch["text_ids"][0].tolist()
     cap = "a red circle number 2"
     # the question is glued to the caption (original behaviour), the image is the answer
-    expected = [SYS + " ## USER: " + q + cap + " \n ## ASSISTANT:" + " " + tok.image_run + "</s>" for q in IMAGE_QUESTIONS]
+    expected = [SYS + " ## USER: " + q + cap + " \n ## ASSISTANT:" + " " + tok.image_run + "</s>"
+                for q in IMAGE_QUESTIONS]
     assert sum(ids == tok.encode(e) for e in expected) == 1
 
 

@@ -9,7 +9,7 @@ from deem.data.tokenizer import SpecialTokens
 
 SP = SpecialTokens(bos_id=1, eos_id=2, pad_id=0, soi_id=90, image_id=91, ref_id=92, ref_end_id=93, box_id=94,
                    box_end_id=95)
-I = IGNORE_INDEX
+X = IGNORE_INDEX
 
 
 def test_label_rules_token_by_token():
@@ -19,7 +19,7 @@ def test_label_rules_token_by_token():
     trainable = [1] * 15
     labels = build_labels(torch.tensor([ids]), torch.tensor([att]), torch.tensor([trainable]).bool(), SP)[0].tolist()
     # bos targets, soi right after bos, image tokens and padding are never learned
-    assert labels == [I, I, I, I, 10, 11, 2, I, 12, 90, I, I, 13, 2, I]
+    assert labels == [X, X, X, X, 10, 11, 2, X, 12, 90, X, X, 13, 2, X]
 
 
 def test_prompt_masking_and_pad_equal_to_vocab_token():
@@ -28,7 +28,7 @@ def test_prompt_masking_and_pad_equal_to_vocab_token():
     ids = torch.tensor([[1, 5, 12, 7, 2, 12]])
     att = torch.tensor([[1, 1, 1, 1, 1, 0]])
     trainable = torch.tensor([[0, 0, 1, 1, 1, 1]]).bool()
-    assert build_labels(ids, att, trainable, sp)[0].tolist() == [I, I, 12, 7, 2, I]
+    assert build_labels(ids, att, trainable, sp)[0].tolist() == [X, X, 12, 7, 2, X]
 
 
 def test_ignore_noimage_cond_loss():
@@ -37,7 +37,7 @@ def test_ignore_noimage_cond_loss():
     att = [1] * len(ids)
     labels = build_labels(torch.tensor([ids]), torch.tensor([att]), torch.ones(1, len(ids)).bool(), SP,
                           ignore_noimage_cond_loss=True)[0].tolist()
-    assert labels == [I, I, I, 90, I, 2, I, I, I, 12, 13, 2]
+    assert labels == [X, X, X, 90, X, 2, X, X, X, 12, 13, 2]
 
 
 def test_padding_and_nearest_bos():
