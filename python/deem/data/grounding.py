@@ -133,7 +133,8 @@ def read_refcoco_refs(refs_file, instances_file, image_root, tracker, split: str
                             (float(x), float(y), float(x + bw), float(y + bh)), f"ref {ref['ref_id']}")
 
     refs = read_json(refs_file)
-    return parse_records(((f"ref {i}", r) for i, r in enumerate(refs)), parse, tracker, str(refs_file))
+    keyed = ((f"ref_id {r.get('ref_id', i)}" if isinstance(r, dict) else f"entry {i}", r) for i, r in enumerate(refs))
+    return parse_records(keyed, parse, tracker, str(refs_file))
 
 
 def read_vg_regions(regions_file, image_data_file, image_roots, tracker, max_area: float = 16384.0
