@@ -10,7 +10,7 @@ from PIL import Image
 
 from deem.data import build_collator, build_dataset
 from deem.data.grounding import box_text, convert_refer_pickle, swap_left_right
-from tests.data.conftest import write_image, write_json
+from tests.data.conftest import write_json
 
 TF = {"resolution": 20, "resolution_dec": 40, "center_crop": False, "random_flip": False}
 SYS = "You are a helpful assistant.\n\n"

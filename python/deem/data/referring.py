@@ -9,6 +9,7 @@ seeded generator.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
             rle["counts"] = rle["counts"].encode("ascii")
     else:
         raise ValueError(f"unsupported segmentation of type {type(seg).__name__}")
-    mask = mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword deprecation, not ours to fix
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mask = mask_utils.decode(rle)
     if mask.shape[:2] != (height, width):
         raise ValueError(f"mask shape {mask.shape[:2]} differs from image size {(height, width)}")
     return mask
