@@ -1,7 +1,5 @@
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-
 #include "deem/msda.h"
 #include "kernel_common.cuh"
 
@@ -18,15 +16,6 @@ int cuda_get_device() {
 void cuda_set_device(int device) { cuda::check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
 
 namespace cuda {
-
-int forward_threads() {
-  static const int threads = [] {
-    const char* env = std::getenv("DEEM_CUDA_FORWARD_THREADS");
-    const int t = env ? std::atoi(env) : 256;
-    return (t == 128 || t == 256 || t == 512 || t == 1024) ? t : 256;
-  }();
-  return threads;
-}
 
 int max_dynamic_smem_bytes() {
   int value = 0;

@@ -178,9 +178,6 @@ inline void require_aligned(const void* ptr, const char* name) {
   }
 }
 
-// Threads per CTA of the forward kernels: 256 unless DEEM_CUDA_FORWARD_THREADS (128..1024) says otherwise.
-int forward_threads();
-
 int max_dynamic_smem_bytes();  // opt-in shared memory per block on the current device
 int multiprocessor_count();
 

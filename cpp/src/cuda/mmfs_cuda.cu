@@ -16,8 +16,7 @@ namespace deem {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;      // backward
-constexpr int kMaxForwardThreads = 1024;
+constexpr int kThreads = 256;
 
 struct Dims {
   int I, M, D, Lq, P, L, G, q_blocks;
@@ -76,7 +75,7 @@ __device__ __forceinline__ acc group_lse(const acc* __restrict__ logits, const u
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxForwardThreads)
+__global__ void __launch_bounds__(kThreads)
     mmfs_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                         const acc_t<scalar_t>* __restrict__ logits, const uint8_t* __restrict__ visible,
                         const scalar_t* __restrict__ ignore, scalar_t* __restrict__ out,
@@ -214,6 +213,7 @@ __global__ void __launch_bounds__(kThreads)
         const scalar_t* v_l = v_i + level_offset;
         const acc my_a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
         acc my_ga = 0, my_gx = 0, my_gy = 0;
+#pragma unroll 2
         for (int j = 0; j < cnt; ++j) {
           const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
           const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
@@ -341,7 +341,7 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
   cuda::dispatch_value(pr.value_dtype, [&](auto vt) {
     using scalar_t = typename decltype(vt)::type;
     using acc = cuda::acc_t<scalar_t>;
-    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::forward_threads());
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.output, "output");
     cuda::require_aligned(args.ignore_token, "ignore_token");

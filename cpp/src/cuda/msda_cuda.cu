@@ -15,8 +15,7 @@ namespace deem {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;      // backward
-constexpr int kMaxForwardThreads = 1024;
+constexpr int kThreads = 256;
 
 struct Dims {
   int M, D, Lq, P, L, G, q_blocks;
@@ -40,7 +39,7 @@ Dims make_dims(const MsdaProblem& pr, int group, int threads) {
 }
 
 template <typename scalar_t, typename weight_t>
-__global__ void __launch_bounds__(kMaxForwardThreads)
+__global__ void __launch_bounds__(kThreads)
     msda_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                         const weight_t* __restrict__ weights, scalar_t* __restrict__ out, Dims d,
                         const __grid_constant__ LevelTable levels) {
@@ -141,6 +140,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       acc my_ga = 0, my_gx = 0, my_gy = 0;
       const int cnt = min(d.G, d.P - p0);
+#pragma unroll 2
       for (int j = 0; j < cnt; ++j) {
         const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
         const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
@@ -249,7 +249,7 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
   cuda::dispatch_value_weight(pr.value_dtype, pr.weight_dtype, [&](auto vt, auto wt) {
     using scalar_t = typename decltype(vt)::type;
     using weight_t = typename decltype(wt)::type;
-    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::forward_threads());
+    const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.output, "output");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
