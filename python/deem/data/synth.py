@@ -367,8 +367,9 @@ def synth_world(out_dir: str | Path, seed: int = 0, image_size: int = 96, num_tr
             lines.append({"url": f"http://example.invalid/doc{n_docs}", "text_list": texts, "image_info": infos,
                           "similarity_matrix": [[0.0] * len(texts) for _ in infos]})
             n_docs += 1
-        with zipfile.ZipFile(out / "mmc4" / "mmc4_annts" / f"{member}.zip", "w") as zf:
-            zf.writestr(member, "".join(json.dumps(x) + "\n" for x in lines))
+        with zipfile.ZipFile(out / "mmc4" / "mmc4_annts" / f"{member}.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+            info = zipfile.ZipInfo(member, date_time=(2024, 1, 1, 0, 0, 0))  # fixed time: byte-identical worlds
+            zf.writestr(info, "".join(json.dumps(x) + "\n" for x in lines), compress_type=zipfile.ZIP_DEFLATED)
     counts["mmc4_docs"] = n_docs
 
     if with_tokenizer:
