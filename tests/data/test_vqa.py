@@ -163,3 +163,14 @@ def test_instruction_and_other_vqa_readers(tmp_path):
 def test_unknown_prompt_name_is_rejected(tok):
     with pytest.raises(KeyError, match="vqa_usr"):
         build_collator({"type": "vqa_train", "prompts": {"vqa_usr": "x"}}, tok)
+
+
+def test_overlong_sample_is_skipped_and_counted(tok, tmp_path):
+    cfg = _vqav2(tmp_path)
+    ds = build_dataset(cfg)
+    short_len = len(build_collator({"type": "vqa_train"}, tok)([ds[0]])["text_ids"][0])
+    col = build_collator({"type": "vqa_train", "max_length": short_len, "max_bad_fraction": 1.0}, tok)
+    batch = col([ds[0], ds[1]])  # the second question is longer than max_length
+    assert [it["question_id"] for it in batch["meta"]["items"]] == ["10"]
+    assert col.tracker.bad == 1 and "over-long sample" in col.tracker.last_errors[-1]
+    assert "vqav2[1]" in col.tracker.last_errors[-1], "the message names the dataset and the sample"

@@ -63,3 +63,21 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> I
     order = rng.permutation(len(buf))
     for j in order:
         yield buf[j]
+
+
+class EvalShardSampler(torch.utils.data.Sampler[int]):
+    """Evaluation sampler: rank r of `world_size` gets indices r, r+W, r+2W, ... with no padding, so no sample
+    is evaluated twice (the original's padded distributed sampling counted duplicates, spec §5.18)."""
+
+    def __init__(self, length: int, rank: int | None = None, world_size: int | None = None):
+        if rank is None or world_size is None:
+            rank, world_size = default_rank_world()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.length, self.rank, self.world_size = int(length), int(rank), int(world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
