@@ -148,7 +148,7 @@ class LaionSource:
         path = self.root / shard
 
         def on_error(exc: Exception) -> bool:
-            self.tracker.record_bad(SampleError(str(path), "-", f"unreadable tar content: {exc}"))
+            self.tracker.record_bad(SampleError(str(path), shard, f"unreadable tar content: {exc}"))
             return True
 
         try:
