@@ -10,7 +10,7 @@ no usable item collates to None.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,11 +92,13 @@ class BaseCollator:
             raise SampleError("collator", key, f"text has {len(socs)} image runs / {n_image_tokens} image tokens "
                                                f"for {n_images} images (a placeholder in the raw text?)")
 
-    def encode_all(self, examples: Sequence[Example]) -> list[Encoded]:
+    def encode_all(self, examples: Sequence[Any], encode: Callable[[Any], Encoded] | None = None) -> list[Encoded]:
+        """Encode each example (with `encode`, default `self.encode`); skipped ones are logged and counted."""
+        encode = encode or self.encode
         out = []
         for ex in examples:
             try:
-                out.append(self.encode(ex))
+                out.append(encode(ex))
             except SampleError as err:
                 self.tracker.record_bad(err)
                 continue
@@ -275,15 +277,7 @@ class ReferringTrainCollator(BaseCollator):
         raise SampleError(str(it.get("dataset")), key, f"over-long sample: the first round exceeds {self.max_length}")
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        encoded = []
-        for it in items:
-            try:
-                encoded.append(self.encode_conversation(it))
-            except SampleError as err:
-                self.tracker.record_bad(err)
-                continue
-            self.tracker.record_good()
-        return self.train_batch(encoded, items[0]["dataset"])
+        return self.train_batch(self.encode_all(items, self.encode_conversation), items[0]["dataset"])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

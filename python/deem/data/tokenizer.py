@@ -7,6 +7,7 @@ tokenizer itself. The real Vicuna tokenizer gets the DEEM ids (soi 32000, image 
 
 from __future__ import annotations
 
+import itertools
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -100,30 +101,12 @@ class DeemTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_compact(self, ids: Iterable[int]) -> str:
-        """Decode with every image run shown as `<image>`: readable dumps for `deem data inspect`."""
-        out, run = [], []
-        for i in ids:
-            if i == self.special.image_id:
-                run.append(i)
-                continue
-            if run:
-                out.append(f"<image x{len(run)}>")
-                run = []
-            out.append(i)
-        if run:
-            out.append(f"<image x{len(run)}>")
-        text, buf = [], []
-        for piece in out:
-            if isinstance(piece, str):
-                if buf:
-                    text.append(self.hf.decode(buf))
-                    buf = []
-                text.append(piece)
-            else:
-                buf.append(piece)
-        if buf:
-            text.append(self.hf.decode(buf))
-        return "".join(text)
+        """Decode with every run of `<|sniffer|>` shown as `<image xN>`: readable dumps for `deem data inspect`."""
+        parts = []
+        for is_image, group in itertools.groupby(ids, key=lambda i: i == self.special.image_id):
+            group = list(group)
+            parts.append(f"<image x{len(group)}>" if is_image else self.hf.decode(group))
+        return "".join(parts)
 
 
 def _token_id(hf_tokenizer, token: str) -> int:
