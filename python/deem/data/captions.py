@@ -29,10 +29,6 @@ class CaptionRecord:
 class CaptionDataset(RecordDataset):
     """Items: {images: [views], caption (train) | references (eval), image_id}."""
 
-    def __init__(self, name, records, transform, tracker, seed=0, eval_mode=False):
-        super().__init__(name, records, transform, tracker, seed=seed, replace_bad=not eval_mode)
-        self.eval_mode = eval_mode
-
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         rec: CaptionRecord = self.records[index]
         views, _ = self.image_views(rec.image, rec.image_id, rng)

@@ -62,8 +62,7 @@ class GroundingDataset(RecordDataset):
 
     def __init__(self, name, records, transform, tracker, seed=0, eval_mode=False, random_flip=False,
                  random_resize_crop_prob=0.0):
-        super().__init__(name, records, transform, tracker, seed=seed, replace_bad=not eval_mode)
-        self.eval_mode = eval_mode
+        super().__init__(name, records, transform, tracker, seed=seed, eval_mode=eval_mode)
         self.random_flip = random_flip
         self.random_resize_crop_prob = random_resize_crop_prob
 

@@ -89,8 +89,8 @@ class RecordDataset(Dataset):
 
     Randomness (question choice, answer choice, augmentation) comes from a generator seeded with
     (seed, epoch, index): identical in every worker and rank, different per epoch (`set_epoch`).
-    A sample that fails to load is logged and counted; training sets (`replace_bad=True`) then serve the next
-    index instead, evaluation sets return None (eval collators drop it, so no prediction is duplicated).
+    A sample that fails to load is logged and counted; training sets then serve the next index instead,
+    evaluation sets (`eval_mode=True`) return None (eval collators drop it, so no prediction is duplicated).
     """
 
     def __init__(
@@ -100,7 +100,7 @@ class RecordDataset(Dataset):
         transform: DualViewTransform,
         tracker: BadSampleTracker,
         seed: int = 0,
-        replace_bad: bool = True,
+        eval_mode: bool = False,
         max_retries: int = 20,
     ):
         self.name = name
@@ -109,7 +109,8 @@ class RecordDataset(Dataset):
         self.tracker = tracker
         self.seed = int(seed)
         self.epoch = 0
-        self.replace_bad = replace_bad
+        self.eval_mode = eval_mode
+        self.replace_bad = not eval_mode
         self.max_retries = max_retries
 
     def __len__(self) -> int:

@@ -72,9 +72,8 @@ class ReferringMaskDataset(RecordDataset):
 
     def __init__(self, name, records, transform, tracker, kind: str, seed=0, eval_mode=False, max_regions=15,
                  preamble: str | None = None):
-        super().__init__(name, records, transform, tracker, seed=seed, replace_bad=not eval_mode)
+        super().__init__(name, records, transform, tracker, seed=seed, eval_mode=eval_mode)
         self.kind = kind
-        self.eval_mode = eval_mode
         self.max_regions = max_regions
         self.preamble = PREAMBLES.get(kind, "") if preamble is None else preamble
 

@@ -28,7 +28,7 @@ class VisDialDataset(RecordDataset):
     """Items: {images: [views], caption, history, question, options (100 strings), relevance, image_id, round_id}."""
 
     def __init__(self, name, records, transform, tracker, seed=0):
-        super().__init__(name, records, transform, tracker, seed=seed, replace_bad=False)
+        super().__init__(name, records, transform, tracker, seed=seed, eval_mode=True)
 
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         rec: DialogRecord = self.records[index]

@@ -40,10 +40,6 @@ class QARecord:
 class QADataset(RecordDataset):
     """Items: {images: [views], question, answer (train) | answers (eval), question_id, ...extra}."""
 
-    def __init__(self, name, records, transform, tracker, seed=0, eval_mode=False):
-        super().__init__(name, records, transform, tracker, seed=seed, replace_bad=not eval_mode)
-        self.eval_mode = eval_mode
-
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         rec: QARecord = self.records[index]
         views, _ = self.image_views(rec.image, f"question {rec.question_id}", rng)
@@ -248,6 +244,10 @@ def read_mmvp(annotation, image_root, tracker, prompts: dict[str, str]) -> list[
     return parse_records(((f"row {i + 2}", r) for i, r in enumerate(rows)), parse, tracker, str(annotation))
 
 
+_PLAIN_READERS = {"textvqa": read_textvqa_train, "aokvqa": read_aokvqa, "ocrvqa": read_ocrvqa, "gqa": read_gqa,
+                  "coco_vqa": read_coco_caption_vqa, "llava": read_llava, "vizwiz": read_vizwiz}
+
+
 def build_qa_dataset(cfg: dict, transform: DualViewTransform, tracker: BadSampleTracker) -> QADataset:
     """Dispatch on cfg['type']: vqav2 (also okvqa / textvqa eval in VQAv2 format), textvqa, aokvqa, ocrvqa,
     gqa, coco_vqa, llava, vizwiz, pope, robustvqa, mmvp."""
@@ -258,20 +258,8 @@ def build_qa_dataset(cfg: dict, transform: DualViewTransform, tracker: BadSample
     if kind in ("vqav2", "okvqa"):
         records = read_vqav2_format(cfg["questions"], cfg.get("annotations"), root, tracker,
                                     image_prefix=cfg.get("image_prefix"))
-    elif kind == "textvqa":
-        records = read_textvqa_train(cfg["annotation"], root, tracker)
-    elif kind == "aokvqa":
-        records = read_aokvqa(cfg["annotation"], root, tracker)
-    elif kind == "ocrvqa":
-        records = read_ocrvqa(cfg["annotation"], root, tracker)
-    elif kind == "gqa":
-        records = read_gqa(cfg["annotation"], root, tracker)
-    elif kind == "coco_vqa":
-        records = read_coco_caption_vqa(cfg["annotation"], root, tracker)
-    elif kind == "llava":
-        records = read_llava(cfg["annotation"], root, tracker)
-    elif kind == "vizwiz":
-        records = read_vizwiz(cfg["annotation"], root, tracker)
+    elif kind in _PLAIN_READERS:
+        records = _PLAIN_READERS[kind](cfg["annotation"], root, tracker)
     elif kind == "pope":
         records = read_pope(cfg["annotation"], root, tracker, prompts)
     elif kind == "robustvqa":
