@@ -141,22 +141,6 @@ class BaseCollator:
             "meta": {"dataset_name": dataset_name, "items": [e.meta for e in encoded]},
         }
 
-    def eval_batch(self, items: Sequence[dict[str, Any] | None], prompt_of) -> dict[str, Any] | None:
-        items = [it for it in items if it is not None]
-        examples = [Example([(prompt_of(it), False)], it["images"], _item_meta(it)) for it in items]
-        encoded = self.encode_all(examples)
-        if not encoded:
-            return None
-        sp = self.tok.special
-        return {
-            "text_ids": pad_sequences([e.ids for e in encoded], sp.pad_id, "left"),
-            "attention_mask": pad_sequences([[1] * len(e.ids) for e in encoded], 0, "left"),
-            **self.stack_images(encoded),
-            "collate_mode": self.collate_mode,
-            "generation_kwargs": dict(self.generation_kwargs),
-            "meta": {"dataset_name": encoded[0].meta.get("dataset"), "items": [e.meta for e in encoded]},
-        }
-
 
 class CaptionTrainCollator(BaseCollator):
     """Image-text pair SFT (spec §1.2): each batch is image->text (p=`img_first_prob`, image loss off) or
@@ -283,7 +267,33 @@ class ReferringTrainCollator(BaseCollator):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-class CaptionEvalCollator(BaseCollator):
+class EvalCollator(BaseCollator):
+    """A generation prompt per item (`prompt`), left-padded, with the mode and generation settings."""
+
+    def prompt(self, item: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+        return self.eval_batch(items, self.prompt)
+
+    def eval_batch(self, items: Sequence[dict[str, Any] | None], prompt_of) -> dict[str, Any] | None:
+        items = [it for it in items if it is not None]
+        examples = [Example([(prompt_of(it), False)], it["images"], _item_meta(it)) for it in items]
+        encoded = self.encode_all(examples)
+        if not encoded:
+            return None
+        sp = self.tok.special
+        return {
+            "text_ids": pad_sequences([e.ids for e in encoded], sp.pad_id, "left"),
+            "attention_mask": pad_sequences([[1] * len(e.ids) for e in encoded], 0, "left"),
+            **self.stack_images(encoded),
+            "collate_mode": self.collate_mode,
+            "generation_kwargs": dict(self.generation_kwargs),
+            "meta": {"dataset_name": encoded[0].meta.get("dataset"), "items": [e.meta for e in encoded]},
+        }
+
+
+class CaptionEvalCollator(EvalCollator):
     """Captioning (`generate_texts`): template "caption" (COCO/NoCaps/Flickr) or "paragraph" (image2paragraph)."""
 
     collate_mode = "generate_texts"
@@ -302,11 +312,8 @@ class CaptionEvalCollator(BaseCollator):
         return assemble(p["system_caption_eval"], p[f"{self.template}_eval_user"].format(image=self.img),
                         p[f"{self.template}_eval_assistant"])
 
-    def __call__(self, items):
-        return self.eval_batch(items, self.prompt)
 
-
-class VQAEvalCollator(BaseCollator):
+class VQAEvalCollator(EvalCollator):
     """Open-ended VQA (`generate_vqa`): template "vqa" or "vizwiz"."""
 
     collate_mode = "generate_vqa"
@@ -323,11 +330,8 @@ class VQAEvalCollator(BaseCollator):
         return assemble(p["system"], p[f"{self.template}_eval_user"].format(image=self.img, question=it["question"]),
                         p["vqa_eval_assistant"])
 
-    def __call__(self, items):
-        return self.eval_batch(items, self.prompt)
 
-
-class YesNoEvalCollator(BaseCollator):
+class YesNoEvalCollator(EvalCollator):
     """POPE / RobustVQA / MMVP (`generate_imagenet`)."""
 
     collate_mode = "generate_imagenet"
@@ -338,11 +342,8 @@ class YesNoEvalCollator(BaseCollator):
         return assemble(p["system"], p["yesno_eval_user"].format(image=self.img, question=it["question"]),
                         p["yesno_eval_assistant"])
 
-    def __call__(self, items):
-        return self.eval_batch(items, self.prompt)
 
-
-class GroundingEvalCollator(BaseCollator):
+class GroundingEvalCollator(EvalCollator):
     """RefCOCO box grounding (`generate_grounding`); generation uses the model defaults."""
 
     collate_mode = "generate_grounding"
@@ -352,11 +353,8 @@ class GroundingEvalCollator(BaseCollator):
         return assemble(p["system"], p["grounding_eval_user"].format(image=self.img, sentence=it["sentence"]),
                         p["grounding_eval_assistant"])
 
-    def __call__(self, items):
-        return self.eval_batch(items, self.prompt)
 
-
-class ReferringEvalCollator(BaseCollator):
+class ReferringEvalCollator(EvalCollator):
     """RefCOCOg mask referring (`generate_referring`): the training conversation format up to the assistant
     tag; left-padded and without a trailing EOS (spec §5.22)."""
 
@@ -367,11 +365,8 @@ class ReferringEvalCollator(BaseCollator):
         return (p["system"] + f"## {p['conv_user_role']}: " + self.img + p["referring_eval_preamble"] + self.img
                 + "\n" + f"## {p['conv_assistant_role']}:")
 
-    def __call__(self, items):
-        return self.eval_batch(items, self.prompt)
 
-
-class ScoreEvalCollator(BaseCollator):
+class ScoreEvalCollator(EvalCollator):
     """VisDial answer ranking (`generate_scores`): context prompt (left-padded) plus every option's ids
     without BOS (`options_ids` [B, K, Lo] right-padded, `options_attention_mask`)."""
 
@@ -384,7 +379,7 @@ class ScoreEvalCollator(BaseCollator):
         return text + p["visdial_final"].format(question=it["question"])
 
     def __call__(self, items):
-        batch = self.eval_batch(items, self.prompt)
+        batch = super().__call__(items)
         if batch is None:
             return None
         kept = batch["meta"]["items"]
