@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from deem.data import build_collator, build_dataset
-from deem.data.prompts import PASCAL_PREAMBLE, VG_ANSWER_SUFFIX, VG_QUESTIONS
+from deem.data.prompts import PARTIMAGENET_PREAMBLE, PASCAL_PREAMBLE, VG_ANSWER_SUFFIX, VG_QUESTIONS
 from tests.data.conftest import write_json
 
 TF = {"resolution": 20, "resolution_dec": 40, "center_crop": False, "random_flip": False}
@@ -128,6 +128,16 @@ def test_refcoco_vg_and_part_variants(tmp_path):
     assert q0.startswith("<mask>\nThis provides an overview of the picture.\n") and q0.endswith(VG_ANSWER_SUFFIX)
     asked = q0[len("<mask>\nThis provides an overview of the picture.\n"): -len(VG_ANSWER_SUFFIX)]
     assert asked in [q.replace("<region>", "<mask>") for q in VG_QUESTIONS]
+
+    refp = build_dataset({"type": "mask_refcocop", "annotation": str(ann), "image_root": str(tmp_path / "imgs"),
+                          "transform": TF})[0]
+    assert refp["conversation"][0][1].endswith("basic attibuts, you should not give its position within the image.<mask>")
+    part = build_dataset({"type": "mask_partimagenet", "annotation": str(ann), "image_root": str(tmp_path / "imgs"),
+                          "transform": TF})[0]
+    assert part["conversation"][0][1] == "<mask>\n" + PARTIMAGENET_PREAMBLE + "<mask>"
+    assert PARTIMAGENET_PREAMBLE.endswith("Subcategories Containing Tier,Hand,Wing,Mouth,Tail,Side,Fin,Engine,Foot,"
+                                          "Head,Body,Sail,Seat.\n")
+    assert {a for _, a in part["conversation"][1::2]} <= {"square", "box"}, "category names"
 
     pascal = build_dataset({"type": "mask_pascal", "annotation": str(ann), "image_root": str(tmp_path / "imgs"),
                             "transform": TF})[0]
