@@ -131,7 +131,7 @@ def test_refcoco_vg_and_part_variants(tmp_path):
 
     refp = build_dataset({"type": "mask_refcocop", "annotation": str(ann), "image_root": str(tmp_path / "imgs"),
                           "transform": TF})[0]
-    assert refp["conversation"][0][1].endswith("basic attibuts, you should not give its position within the image.<mask>")
+    assert refp["conversation"][0][1].endswith("attibuts, you should not give its position within the image.<mask>")
     part = build_dataset({"type": "mask_partimagenet", "annotation": str(ann), "image_root": str(tmp_path / "imgs"),
                           "transform": TF})[0]
     assert part["conversation"][0][1] == "<mask>\n" + PARTIMAGENET_PREAMBLE + "<mask>"
