@@ -1,0 +1,283 @@
+"""PerceiverResampler: a BLIP-2 Q-Former with learned queries and optional qk-LayerNorm (spec §4).
+
+The Q-Former is transformers' ``Blip2QFormerModel``. qk-normalisation is added without patching
+transformers: after construction every ``Blip2QFormerMultiHeadAttention`` instance is replaced by a
+:class:`QKNormQFormerAttention` (a subclass) that keeps the instance's own ``query``/``key``/``value``
+Linear modules (so HF's initialisation is kept) and adds ``q_norm``/``k_norm``. Its attention math is
+PyTorch SDPA, equal to the eager form ``softmax(LN(Q)·LN(K)ᵀ/√d + mask) → dropout → ·V``.
+
+The top-level forward (LayerNorm → dropout → HF's layers) is written here, so the encoder mask has
+one format (additive, ``(1 − m)·finfo.min``, as in the original) whatever the transformers version.
+
+Parameter names equal the original's ``perceiver_resampler.*`` (transformers 4.31 + its qk-norm patch):
+
+- ``queries`` ``[1, n_q, hidden]``
+- ``blip2qformer.layernorm.{weight,bias}``
+- ``blip2qformer.encoder.layer.<i>.attention.attention.{query,key,value}.{weight,bias}``
+- ``blip2qformer.encoder.layer.<i>.attention.attention.{q_norm,k_norm}.{weight,bias}`` (qk_norm only)
+- ``blip2qformer.encoder.layer.<i>.attention.output.{dense,LayerNorm}.{weight,bias}``
+- ``blip2qformer.encoder.layer.<i>.crossattention.*`` (same sub-names; layers ``i % freq == 0``)
+- ``blip2qformer.encoder.layer.<i>.{intermediate_query,output_query}.dense.*``,
+  ``blip2qformer.encoder.layer.<i>.output_query.LayerNorm.*``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2QFormerMultiHeadAttention
+
+
+@dataclass
+class QFormerConfig:
+    """Hyper-parameters of a :class:`PerceiverResampler`.
+
+    Args:
+        num_layers, hidden, heads: Q-Former depth, width and attention heads.
+        cross_attention_frequency: layer i has cross-attention iff ``i % frequency == 0``.
+        encoder_width: width of ``encoder_hidden_states`` (K/V input of cross-attention).
+        intermediate: FFN width (HF default 3072, kept by both DEEM instances).
+        qk_norm: LayerNorm over the head dimension of Q and K in every attention.
+        dropout: hidden dropout (after attention/FFN projections and on the embedded queries).
+        attention_dropout: dropout on attention probabilities; ``None`` means ``dropout``.
+        num_queries: learned query tokens.
+        layer_norm_eps: eps of every LayerNorm, qk-norms included.
+        initializer_range: std of the normal init of Linear weights and queries.
+    """
+
+    num_layers: int = 12
+    hidden: int = 768
+    heads: int = 12
+    cross_attention_frequency: int = 2
+    encoder_width: int = 1024
+    intermediate: int = 3072
+    qk_norm: bool = True
+    dropout: float = 0.1
+    attention_dropout: float | None = None
+    num_queries: int = 77
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads != 0:
+            raise ValueError(f"QFormerConfig: hidden={self.hidden} must be divisible by heads={self.heads}")
+        if self.num_layers < 1 or self.cross_attention_frequency < 1 or self.num_queries < 1:
+            raise ValueError(
+                f"QFormerConfig: num_layers={self.num_layers}, cross_attention_frequency="
+                f"{self.cross_attention_frequency} and num_queries={self.num_queries} must be >= 1"
+            )
+
+    @property
+    def attn_dropout(self) -> float:
+        """Effective attention-probability dropout."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+    def to_hf(self) -> Blip2QFormerConfig:
+        """The transformers config of the Q-Former body."""
+        return Blip2QFormerConfig(
+            hidden_size=self.hidden,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate,
+            hidden_act="gelu",
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.attn_dropout,
+            initializer_range=self.initializer_range,
+            layer_norm_eps=self.layer_norm_eps,
+            cross_attention_frequency=self.cross_attention_frequency,
+            encoder_hidden_size=self.encoder_width,
+            use_qformer_text_input=False,
+        )
+
+    @classmethod
+    def sniffer_7b(cls, **overrides: object) -> QFormerConfig:
+        """``visual_tokenizer.perceiver_resampler``: 12 layers, 768 wide, qk-norm, dropout 0.1."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def image_decoder_7b(cls, **overrides: object) -> QFormerConfig:
+        """``image_decoder.perceiver_resampler``: 1 layer, 1024 wide, encoder 4096, no qk-norm, no dropout."""
+        base = cls(
+            num_layers=1,
+            hidden=1024,
+            heads=16,
+            cross_attention_frequency=1,
+            encoder_width=4096,
+            qk_norm=False,
+            dropout=0.0,
+        )
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
+    def tiny_sniffer(cls, **overrides: object) -> QFormerConfig:
+        """Tiny sniffer-like Q-Former (qk-norm, cross every 2 layers)."""
+        base = cls(num_layers=3, hidden=32, heads=4, encoder_width=24, intermediate=64, num_queries=5)
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
+    def tiny_image_decoder(cls, **overrides: object) -> QFormerConfig:
+        """Tiny image-decoder-like Q-Former (1 layer, no qk-norm, no dropout)."""
+        base = cls(
+            num_layers=1,
+            hidden=32,
+            heads=4,
+            cross_attention_frequency=1,
+            encoder_width=48,
+            intermediate=96,
+            qk_norm=False,
+            dropout=0.0,
+            num_queries=5,
+        )
+        return dataclasses.replace(base, **overrides)
+
+
+class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
+    """Blip2 Q-Former multi-head attention with optional LayerNorm of Q and K over the head dim.
+
+    Adds ``q_norm``/``k_norm`` (``nn.LayerNorm(head_dim, eps)`` when ``qk_norm``, else ``nn.Identity``:
+    no parameters, as in the original). The forward keeps HF's signature and return value
+    ``(attn_output, None)``; masks may be ``None``, boolean (True = attend) or additive floats.
+    """
+
+    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False, qk_norm: bool = False) -> None:
+        super().__init__(config, is_cross_attention)
+        head_dim = self.attention_head_size
+        self.is_cross_attention = is_cross_attention
+        self.head_dim = head_dim
+        self.dropout_p = float(config.attention_probs_dropout_prob)
+        self.q_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
+
+    @classmethod
+    def replacing(
+        cls, old: Blip2QFormerMultiHeadAttention, is_cross_attention: bool, qk_norm: bool
+    ) -> QKNormQFormerAttention:
+        """A new instance that takes over ``old``'s query/key/value modules (weights and init kept)."""
+        w = old.query.weight
+        with torch.device(w.device):
+            new = cls(old.config, is_cross_attention=is_cross_attention, qk_norm=qk_norm)
+        new.query, new.key, new.value = old.query, old.key, old.value
+        return new.to(dtype=w.dtype)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], -1, self.head_dim).transpose(-3, -2)  # [B, H, L, d]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        """hidden_states [B, Lq, hidden] (+ encoder_hidden_states [B, Lk, enc]) -> ([B, Lq, hidden], None)."""
+        if encoder_hidden_states is not None:
+            kv_in, mask = encoder_hidden_states, encoder_attention_mask
+        else:
+            kv_in, mask = hidden_states, attention_mask
+        q = self.q_norm(self._split(self.query(hidden_states)))
+        k = self.k_norm(self._split(self.key(kv_in)))
+        v = self._split(self.value(kv_in))
+        if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.head_dim**-0.5,
+        )
+        out = out.transpose(-3, -2).flatten(-2)
+        return out, None
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] 0/1 (nonzero = attend) -> additive ``(1 − m)·finfo(dtype).min`` mask ``[B, 1, 1, L]``."""
+    m = (keep != 0)[:, None, None, :]
+    return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+
+
+class PerceiverResampler(nn.Module):
+    """Learned queries read ``encoder_hidden_states`` through a BLIP-2 Q-Former (spec §4).
+
+    ``forward(encoder_hidden_states [B, L, encoder_width], encoder_attention_mask [B, L] | None)``
+    returns the query states ``[B, num_queries, hidden]``.
+    """
+
+    def __init__(self, config: QFormerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or QFormerConfig.sniffer_7b()
+        self.blip2qformer = Blip2QFormerModel(config.to_hf())
+        for layer in self.blip2qformer.encoder.layer:
+            layer.attention.attention = QKNormQFormerAttention.replacing(
+                layer.attention.attention, is_cross_attention=False, qk_norm=config.qk_norm
+            )
+            if layer.has_cross_attention:
+                layer.crossattention.attention = QKNormQFormerAttention.replacing(
+                    layer.crossattention.attention, is_cross_attention=True, qk_norm=config.qk_norm
+                )
+        w = self.blip2qformer.layernorm.weight
+        self.queries = nn.Parameter(torch.empty(1, config.num_queries, config.hidden, device=w.device, dtype=w.dtype))
+        with torch.no_grad():
+            self.queries.normal_(0.0, config.initializer_range)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-apply the HF Blip2 initialisation: Linear N(0, r²) / bias 0, LayerNorm (1, 0), queries N(0, r²)."""
+        r = self.config.initializer_range
+        for m in self.blip2qformer.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, r)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        self.queries.normal_(0.0, r)
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per Q-Former layer (HF ``GradientCheckpointingLayer``)."""
+        if enable:
+            self.blip2qformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.blip2qformer.gradient_checkpointing_disable()
+
+    def forward(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """encoder_hidden_states [B, L, encoder_width], mask [B, L] (1 = attend) -> [B, num_queries, hidden]."""
+        c = self.config
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[-1] != c.encoder_width:
+            raise ValueError(
+                f"PerceiverResampler: encoder_hidden_states must be [B, L, {c.encoder_width}], "
+                f"got shape {tuple(encoder_hidden_states.shape)}"
+            )
+        b, length = encoder_hidden_states.shape[:2]
+        dtype = self.queries.dtype
+        mask = None
+        if encoder_attention_mask is not None:
+            if tuple(encoder_attention_mask.shape) != (b, length):
+                raise ValueError(
+                    f"PerceiverResampler: encoder_attention_mask must be [B, L] = [{b}, {length}], "
+                    f"got shape {tuple(encoder_attention_mask.shape)}"
+                )
+            compute = (
+                torch.get_autocast_dtype(encoder_hidden_states.device.type)
+                if torch.is_autocast_enabled(encoder_hidden_states.device.type)
+                else dtype
+            )
+            mask = additive_mask(encoder_attention_mask, compute)
+        qf = self.blip2qformer
+        h = qf.dropout(qf.layernorm(self.queries.expand(b, -1, -1)))
+        enc = encoder_hidden_states.to(dtype)
+        for layer in qf.encoder.layer:
+            h = layer(h, None, enc, encoder_attention_mask=mask, query_length=c.num_queries)
+        return h

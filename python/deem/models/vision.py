@@ -1,0 +1,459 @@
+"""The DEEM vision encoder ("sniffer"): a ConvNeXt trunk with per-stage adapters (spec/model.md §2).
+
+The trunk is timm's :class:`timm.models.convnext.ConvNeXt`, built directly (no open_clip wrapper and no
+unused projection head). Four Linear adapters, applied channels-last, map the stage outputs to a common
+width; a fifth maps the pooled + LayerNorm'ed last stage to a CLS vector. A frozen 2-D sin-cos table
+(row code first) gives the positions, resized bicubically for inputs other than the table's resolution.
+
+Parameter names (relative to the sniffer) and the original checkpoint's names:
+
+=========================  ==========================================================================
+ours                       original (``MMInterleaved`` state dict)
+=========================  ==========================================================================
+``trunk.<k>``              ``visual_tokenizer.sniffer.vision_model.visual.trunk.<k>``
+``adapter_c2..adapter_c5`` ``visual_tokenizer.sniffer.vision_model.adapter_c2..adapter_c5``
+``adapter_cls``            ``visual_tokenizer.sniffer.vision_model.adapter_cls``
+``pos_embed`` (buffer)     ``visual_tokenizer.pos_embed`` (a frozen Parameter there)
+``clip_mean``/``clip_std`` ``visual_tokenizer.clip_mean`` / ``visual_tokenizer.clip_std`` (buffers)
+(dropped)                  ``visual_tokenizer.sniffer.vision_model.visual.head.*`` (never used)
+=========================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.models.convnext import ConvNeXt
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The stage whose adapted map forms the token sequence (stride 16: 16x16 tokens at 256 px).
+TOKEN_STAGE = 2
+TOKEN_STRIDE = 16
+# Input sides must be multiples of the trunk's total stride so every stage map is whole.
+TRUNK_STRIDE = 32
+
+
+# ------------------------------------------------------------------------------------------------
+# Positional tables
+# ------------------------------------------------------------------------------------------------
+
+
+def sincos_pos_embed_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """1-D sin-cos code: ``[sin(p·ω_k), cos(p·ω_k)]`` with ``ω_k = 10000^(−k/(dim/2))``, k < dim/2.
+
+    positions [M] -> [M, dim] (float64 math, float32 result).
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"sincos_pos_embed_1d: dim={dim} must be even")
+    k = torch.arange(dim // 2, dtype=torch.float64, device=positions.device)
+    omega = 1.0 / 10000.0 ** (k / (dim / 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = False) -> torch.Tensor:
+    """2-D sin-cos table for a ``grid``×``grid`` grid, flattened row-major.
+
+    For cell (row r, col c) the first ``dim/2`` channels are the 1-D code of r and the last ``dim/2``
+    the code of c (row code first, unlike the MAE reference). With ``cls_token`` a zero row is
+    prepended. Returns ``[grid² (+1), dim]`` float32.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sincos_pos_embed_2d: dim={dim} must be divisible by 4")
+    if grid < 1:
+        raise ValueError(f"sincos_pos_embed_2d: grid={grid} must be >= 1")
+    idx = torch.arange(grid, dtype=torch.float64)
+    rows = idx.repeat_interleave(grid)  # r for cell r*grid + c
+    cols = idx.repeat(grid)  # c
+    table = torch.cat([sincos_pos_embed_1d(dim // 2, rows), sincos_pos_embed_1d(dim // 2, cols)], dim=1)
+    if cls_token:
+        table = torch.cat([table.new_zeros(1, dim), table], dim=0)
+    return table
+
+
+def _table_grid(rows: int) -> tuple[int, bool]:
+    """(grid side, has CLS row) of a table with ``rows`` rows: a square, or a square plus one."""
+    side = math.isqrt(rows)
+    if side * side == rows and rows > 0:
+        return side, False
+    side = math.isqrt(rows - 1) if rows > 1 else 0
+    if side > 0 and side * side == rows - 1:
+        return side, True
+    raise ValueError(f"get_abs_pos: table has {rows} rows, neither a square nor a square plus a CLS row")
+
+
+def get_abs_pos(table: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Resize a square position table to ``n_tokens`` rows.
+
+    ``table`` is ``[g², D]`` or ``[1 + g², D]`` (CLS row first, kept as is). If the target grid side
+    differs from ``g``, the grid part is interpolated bicubically (align_corners=False, in float32) and
+    cast back; the sin-cos code is not recomputed. Returns ``[n_tokens, D]``.
+    """
+    if table.dim() != 2:
+        raise ValueError(f"get_abs_pos: table must be [rows, dim], got shape {tuple(table.shape)}")
+    side, has_cls = _table_grid(table.shape[0])
+    n_grid = n_tokens - 1 if has_cls else n_tokens
+    tgt = math.isqrt(max(n_grid, 0))
+    if n_grid < 1 or tgt * tgt != n_grid:
+        what = "1 + a square" if has_cls else "a square"
+        raise ValueError(f"get_abs_pos: n_tokens={n_tokens} must be {what} for a table of {table.shape[0]} rows")
+    if tgt == side:
+        return table
+    dim = table.shape[1]
+    grid = table[1:] if has_cls else table
+    grid = grid.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(tgt * tgt, dim).to(table.dtype)
+    return torch.cat([table[:1], grid], dim=0) if has_cls else grid
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and module
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SnifferConfig:
+    """Hyper-parameters of :class:`ConvNeXtSniffer`.
+
+    Args:
+        depths, dims: ConvNeXt blocks and widths per stage (4 stages).
+        out_dim: width of every adapted map and of the tokens (``image_embed_dim``).
+        drop_path_rate: stochastic-depth maximum, linear over all blocks (timm schedule).
+        pos_grid: side of the sin-cos table's grid (the token grid at ``image_size``).
+        image_size: nominal input side; ``image_size == 16 * pos_grid``.
+        norm_eps: eps of every trunk LayerNorm.
+        ls_init_value: initial layer-scale γ of the blocks (timm default).
+        clip_mean, clip_std: input normalisation applied to [0, 1] pixels.
+    """
+
+    depths: tuple[int, ...] = (3, 3, 27, 3)
+    dims: tuple[int, ...] = (128, 256, 512, 1024)
+    out_dim: int = 1024
+    drop_path_rate: float = 0.1
+    pos_grid: int = 16
+    image_size: int = 256
+    norm_eps: float = 1e-6
+    ls_init_value: float = 1e-6
+    clip_mean: tuple[float, float, float] = field(default=CLIP_MEAN)
+    clip_std: tuple[float, float, float] = field(default=CLIP_STD)
+
+    def __post_init__(self) -> None:
+        self.depths = tuple(int(d) for d in self.depths)
+        self.dims = tuple(int(d) for d in self.dims)
+        if len(self.depths) != 4 or len(self.dims) != 4:
+            raise ValueError(f"SnifferConfig: depths {self.depths} and dims {self.dims} must have 4 stages each")
+        if self.out_dim % 4 != 0:
+            raise ValueError(f"SnifferConfig: out_dim={self.out_dim} must be divisible by 4 (2-D sin-cos table)")
+        if self.image_size != TOKEN_STRIDE * self.pos_grid:
+            raise ValueError(
+                f"SnifferConfig: image_size={self.image_size} must equal {TOKEN_STRIDE} * pos_grid={self.pos_grid} "
+                f"(the table's grid is the stage-{TOKEN_STAGE} map at image_size)"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"SnifferConfig: drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+
+    @classmethod
+    def convnext_base(cls, **overrides: object) -> SnifferConfig:
+        """ConvNeXt-B as in open_clip ``convnext_base_w_320`` (the DEEM 7B sniffer)."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def tiny(cls, image_size: int = 64, **overrides: object) -> SnifferConfig:
+        """A few-thousand-parameter trunk running the same code in milliseconds."""
+        base = cls(
+            depths=(1, 1, 1, 1),
+            dims=(8, 16, 32, 64),
+            out_dim=32,
+            pos_grid=image_size // TOKEN_STRIDE,
+            image_size=image_size,
+        )
+        return dataclasses.replace(base, **overrides)
+
+
+@dataclass
+class SnifferOutput:
+    """What :meth:`ConvNeXtSniffer.forward` returns.
+
+    Attributes:
+        tokens: ``T = [cls; flattened adapted stage-2 map]`` ``[B, 1 + g², D]`` **without** positions:
+            the visual-tokenizer head computes ``pos_ln(pos_proj(T)) + token_pos`` (spec §3 step 3),
+            i.e. the positions are added after the projection, not to ``T``.
+        token_pos: ``get_abs_pos(pos_embed, 1 + g²)`` ``[1 + g², D]`` (CLS row zero), for that step.
+        multiscale: the 4 adapted maps ``[B, D, H_l, W_l]`` (strides 4, 8, 16, 32), each with
+            ``get_abs_pos(pos_embed[1:], H_l·W_l)`` added (spec §3 step 2): the LLM/SD MMFS inputs.
+        cls: the adapted CLS vector ``[B, D]`` (``tokens[:, 0]``; the original's pooler output).
+    """
+
+    tokens: torch.Tensor
+    token_pos: torch.Tensor
+    multiscale: list[torch.Tensor]
+    cls: torch.Tensor
+
+    @property
+    def grid(self) -> int:
+        """Side g of the token grid (16 at 256 px, 28 at 448 px)."""
+        return math.isqrt(self.tokens.shape[1] - 1)
+
+
+class ConvNeXtSniffer(nn.Module):
+    """ConvNeXt trunk + stage adapters + frozen sin-cos positions (spec §2).
+
+    ``pos_embed`` is a **persistent buffer** ``[1 + pos_grid², out_dim]`` (not a Parameter): it is
+    saved and loaded with the state dict (so meta-device construction followed by loading restores
+    it) but never appears in ``parameters()``. ``clip_mean``/``clip_std`` are persistent buffers too.
+    """
+
+    def __init__(self, config: SnifferConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or SnifferConfig.convnext_base()
+        self.trunk = ConvNeXt(
+            num_classes=0,
+            depths=config.depths,
+            dims=config.dims,
+            ls_init_value=config.ls_init_value,
+            norm_eps=config.norm_eps,
+            drop_path_rate=config.drop_path_rate,
+        )
+        d = config.out_dim
+        self.adapter_c2 = nn.Linear(config.dims[0], d)
+        self.adapter_c3 = nn.Linear(config.dims[1], d)
+        self.adapter_c4 = nn.Linear(config.dims[2], d)
+        self.adapter_c5 = nn.Linear(config.dims[3], d)
+        self.adapter_cls = nn.Linear(config.dims[3], d)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.pos_grid, cls_token=True))
+        self.register_buffer("clip_mean", torch.tensor(config.clip_mean).view(1, 3, 1, 1))
+        self.register_buffer("clip_std", torch.tensor(config.clip_std).view(1, 3, 1, 1))
+        self._drop_paths = [m for m in self.trunk.modules() if isinstance(m, DropPath)]
+        self._drop_path_schedule = [float(m.drop_prob) for m in self._drop_paths]
+        self.trunk_frozen = False
+
+    @property
+    def adapters(self) -> list[nn.Linear]:
+        """The four stage adapters, fine to coarse."""
+        return [self.adapter_c2, self.adapter_c3, self.adapter_c4, self.adapter_c5]
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the sin-cos table and CLIP constants (e.g. after building on the meta device)."""
+        c = self.config
+        dev = self.adapter_cls.weight.device
+        self.pos_embed = sincos_pos_embed_2d(c.out_dim, c.pos_grid, cls_token=True).to(dev, self.pos_embed.dtype)
+        self.clip_mean = torch.tensor(c.clip_mean, device=dev, dtype=self.clip_mean.dtype).view(1, 3, 1, 1)
+        self.clip_std = torch.tensor(c.clip_std, device=dev, dtype=self.clip_std.dtype).view(1, 3, 1, 1)
+
+    # -- freezing ------------------------------------------------------------------------------
+
+    def set_trunk_frozen(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the ConvNeXt trunk, head LayerNorm included; adapters stay trainable.
+
+        Freezing also sets every stochastic-depth rate to 0, so a frozen trunk is deterministic in
+        train mode (the original kept drop path active there, spec §14 bug 4); unfreezing restores
+        the configured schedule.
+        """
+        self.trunk.requires_grad_(not frozen)
+        for module, rate in zip(self._drop_paths, self._drop_path_schedule):
+            module.drop_prob = 0.0 if frozen else rate
+        self.trunk_frozen = frozen
+
+    def drop_path_rates(self) -> list[float]:
+        """Current stochastic-depth rate of every trunk block that has one (0 when frozen)."""
+        return [float(m.drop_prob) for m in self._drop_paths]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the trunk stages (timm's per-stage switch)."""
+        self.trunk.set_grad_checkpointing(enable)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"ConvNeXtSniffer: pixels must be [B, 3, R, R], got shape {tuple(pixels.shape)}")
+        h, w = pixels.shape[-2:]
+        if h != w or h % TRUNK_STRIDE != 0:
+            raise ValueError(
+                f"ConvNeXtSniffer: pixels must be square with a side divisible by {TRUNK_STRIDE} "
+                f"(e.g. 256 or 448), got {h}x{w}"
+            )
+
+    def map_pos(self, h: int, w: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Position map ``[D, h, w]`` added to an ``h``×``w`` feature map (square maps only)."""
+        if h != w:
+            raise ValueError(f"ConvNeXtSniffer.map_pos: maps are square, got {h}x{w}")
+        pos = get_abs_pos(self.pos_embed[1:], h * w)
+        pos = pos.t().reshape(-1, h, w)  # "(h w) c -> c h w"
+        return pos if dtype is None else pos.to(dtype)
+
+    def forward(self, pixels: torch.Tensor) -> SnifferOutput:
+        """pixels ``[B, 3, R, R]`` in [0, 1] (R a multiple of 32) -> :class:`SnifferOutput`."""
+        self._check_pixels(pixels)
+        x = (pixels - self.clip_mean) / self.clip_std
+        x = self.trunk.stem(x)
+        maps: list[torch.Tensor] = []
+        for stage, adapter in zip(self.trunk.stages, self.adapters):
+            x = stage(x)
+            maps.append(adapter(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        x = self.trunk.norm_pre(x)
+        cls = self.adapter_cls(self.trunk.forward_head(x, pre_logits=True))
+
+        token_map = maps[TOKEN_STAGE]
+        tokens = torch.cat([cls[:, None], token_map.flatten(2).transpose(1, 2)], dim=1)
+        token_pos = get_abs_pos(self.pos_embed, tokens.shape[1]).to(tokens.dtype)
+        multiscale = [m + self.map_pos(m.shape[-2], m.shape[-1], m.dtype) for m in maps]
+        return SnifferOutput(tokens=tokens, token_pos=token_pos, multiscale=multiscale, cls=cls)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load_open_clip(self, source: str | os.PathLike | Mapping[str, torch.Tensor], strict: bool = True) -> LoadReport:
+        """Load the trunk from an open_clip checkpoint; see :func:`load_open_clip_convnext`."""
+        return load_open_clip_convnext(self, source, strict=strict)
+
+
+# ------------------------------------------------------------------------------------------------
+# open_clip checkpoint loading
+# ------------------------------------------------------------------------------------------------
+
+OPEN_CLIP_TRUNK_PREFIX = "visual.trunk."
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+@dataclass
+class LoadReport:
+    """Outcome of :func:`load_open_clip_convnext` (trunk key names, i.e. without ``visual.trunk.``).
+
+    Attributes:
+        source: the file read (or ``"<state dict>"``).
+        loaded: trunk keys copied from the checkpoint.
+        missing: trunk keys absent from the checkpoint (left as they were).
+        unexpected: ``visual.trunk.*`` keys with no counterpart in the trunk (not loaded).
+        ignored: checkpoint keys outside ``visual.trunk.`` (text tower, projection head, ...).
+    """
+
+    source: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    ignored: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """True when every trunk key was loaded and none was unexpected."""
+        return not self.missing and not self.unexpected
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    if path.is_dir():
+        for name in OPEN_CLIP_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"open_clip checkpoint: none of {list(OPEN_CLIP_FILES)} in directory {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip checkpoint: no such file {path}")
+    return path
+
+
+def _read_open_clip_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Trunk tensors (open_clip names) and the names of all other keys of a checkpoint file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            trunk = {k: f.get_tensor(k) for k in keys if k.startswith(OPEN_CLIP_TRUNK_PREFIX)}
+        return trunk, [k for k in keys if not k.startswith(OPEN_CLIP_TRUNK_PREFIX)]
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or a corrupt file: name the file
+        raise ValueError(f"open_clip checkpoint {path}: cannot be read as a weights-only torch file ({e})") from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"open_clip checkpoint {path}: expected a state dict, got {type(obj).__name__}")
+    state = _unwrap_state_dict(obj)
+    trunk = {k: v for k, v in state.items() if k.startswith(OPEN_CLIP_TRUNK_PREFIX)}
+    return trunk, [k for k in state if not k.startswith(OPEN_CLIP_TRUNK_PREFIX)]
+
+
+def _unwrap_state_dict(obj: Mapping[str, object]) -> dict[str, object]:
+    """Accept training checkpoints ({"state_dict": ...}) and DDP ("module.") prefixes, as open_clip does."""
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    keys = list(obj)
+    if keys and all(k.startswith("module.") for k in keys):
+        return {k[len("module.") :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_open_clip_convnext(
+    target: ConvNeXtSniffer | ConvNeXt,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    strict: bool = True,
+) -> LoadReport:
+    """Load the ``visual.trunk.*`` weights of an open_clip ConvNeXt checkpoint into a timm trunk.
+
+    Args:
+        target: a :class:`ConvNeXtSniffer` (its ``trunk`` is loaded) or a timm ``ConvNeXt``.
+        source: ``open_clip_pytorch_model.bin`` (read with ``weights_only=True``), a ``.safetensors``
+            file (only the trunk tensors are read), a directory holding one of them, or a state dict.
+        strict: raise if trunk keys are missing or unexpected (they are always reported).
+
+    Only ``visual.trunk.<k>`` keys are used, as trunk key ``<k>``; the text tower, ``visual.head.*``
+    (the projection head, unused by DEEM) and everything else are reported as ``ignored``. Raises
+    ``ValueError`` naming the source and the keys when no trunk key exists or shapes disagree.
+    """
+    trunk_module = target.trunk if isinstance(target, ConvNeXtSniffer) else target
+    if isinstance(source, Mapping):
+        name = "<state dict>"
+        state = _unwrap_state_dict(source)
+        ckpt = {k: v for k, v in state.items() if k.startswith(OPEN_CLIP_TRUNK_PREFIX)}
+        ignored = [k for k in state if not k.startswith(OPEN_CLIP_TRUNK_PREFIX)]
+    else:
+        path = _resolve_checkpoint(Path(source))
+        name = str(path)
+        ckpt, ignored = _read_open_clip_state_dict(path)
+    if not ckpt:
+        sample = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+        raise ValueError(
+            f"open_clip checkpoint {name}: no '{OPEN_CLIP_TRUNK_PREFIX}*' key (not an open_clip timm/ConvNeXt "
+            f"vision tower?); {len(ignored)} keys found: {sample or 'none'}"
+        )
+    for k, v in ckpt.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"open_clip checkpoint {name}: key {k} holds a {type(v).__name__}, not a tensor")
+
+    own = trunk_module.state_dict()
+    mapped = {k[len(OPEN_CLIP_TRUNK_PREFIX) :]: v for k, v in ckpt.items()}
+    unexpected = sorted(k for k in mapped if k not in own)
+    missing = sorted(k for k in own if k not in mapped)
+    mismatched = [
+        f"{OPEN_CLIP_TRUNK_PREFIX}{k}: checkpoint {tuple(v.shape)} vs trunk {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"open_clip checkpoint {name}: {len(mismatched)} shape mismatch(es) with the ConvNeXt trunk "
+            f"(wrong model size?): " + "; ".join(mismatched[:10]) + ("; ..." if len(mismatched) > 10 else "")
+        )
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"open_clip checkpoint {name}: trunk keys missing from the checkpoint: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}; unexpected trunk keys: {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''} (pass strict=False to load the rest)"
+        )
+    to_load = {k: v for k, v in mapped.items() if k in own}
+    on_meta = any(t.is_meta for t in own.values())
+    if on_meta:
+        # assign=True keeps the checkpoint's dtype; match the module's so a meta build behaves alike.
+        to_load = {k: v.to(own[k].dtype) for k, v in to_load.items()}
+    trunk_module.load_state_dict(to_load, strict=False, assign=on_meta)
+    return LoadReport(source=name, loaded=sorted(to_load), missing=missing, unexpected=unexpected, ignored=ignored)
