@@ -16,7 +16,6 @@ suite checks `run_unet` against the UNet's own `forward`, which guards against d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from deem.models.mmfs import MMFS
+from deem.models.vision import get_abs_pos, sincos_pos_embed_2d
 
 __all__ = [
     "SD21_BASE_SCHEDULER_CONFIG",
@@ -196,35 +196,8 @@ class DiffusionConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# 2-D sin-cos position tables (private equivalents of the vision module's helpers, spec §2.4)
+# MMFSNet
 # --------------------------------------------------------------------------------------------------
-
-def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2)
-    angles = pos[:, None] * (1.0 / 10000**omega)[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-def _sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """[grid*grid, dim] float32, row-major cells; the first dim/2 channels code the row, the last
-    dim/2 the column, each as [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k/(dim/4))."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos position table: width {dim} must be divisible by 4")
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = coords.repeat_interleave(grid), coords.repeat(grid)
-    return torch.cat([_sincos_1d(dim // 2, rows), _sincos_1d(dim // 2, cols)], dim=1).float()
-
-
-def _resize_pos_table(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The square table [G*G, C] resized bicubically (align_corners=False) to [height*width, C]
-    (`get_abs_pos` of the original for square targets); identity when the size already matches."""
-    g = math.isqrt(table.shape[0])
-    if (g, g) == (height, width):
-        return table
-    grid = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    out = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(height * width, -1).to(table.dtype)
-
 
 def _reference_points(height: int, width: int, device: torch.device) -> torch.Tensor:
     """Pixel centres ((j + 0.5)/W, (i + 0.5)/H) of an H x W grid, row-major: [1, H*W, 1, 2]."""
@@ -233,10 +206,6 @@ def _reference_points(height: int, width: int, device: torch.device) -> torch.Te
     ref = torch.stack([xs.repeat(height), ys.repeat_interleave(width)], dim=-1)
     return ref[None, :, None, :]
 
-
-# --------------------------------------------------------------------------------------------------
-# MMFSNet
-# --------------------------------------------------------------------------------------------------
 
 class MMFSFeatures(NamedTuple):
     """Packed multi-scale features: `flat` [B, n_img, S, C] (each image's levels flattened row-major
@@ -325,7 +294,7 @@ class MMFSBlock(nn.Module):
             n_heads=num_heads, n_points=n_points, ratio=deform_ratio, offset_init_magnitude=offset_init_magnitude,
             spatial_shapes=self.spatial_shapes, base_spatial_shape=base_spatial_shape,
             max_num_image_per_seq=max_num_image_per_seq)
-        self.pos_embed = nn.Parameter(_sincos_pos_embed_2d(query_dim, grid_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(query_dim, grid_size).float(), requires_grad=False)
         self.conv = nn.Conv2d(query_dim, query_dim, kernel_size=1)
         self.reset_parameters()
 
@@ -342,7 +311,7 @@ class MMFSBlock(nn.Module):
                   spatial_shapes: tuple[tuple[int, int], ...]) -> torch.Tensor:
         B, C, H, W = sample.shape
         query = self.query_norm(sample.flatten(2).transpose(1, 2).to(self.query_norm.weight.dtype))
-        query = query + _resize_pos_table(self.pos_embed, H, W).to(query.dtype)
+        query = query + get_abs_pos(self.pos_embed, H * W).to(query.dtype)
         values = self.feat_norm(values.to(self.feat_norm.weight.dtype))
         ref = _reference_points(H, W, sample.device)
         out = self.mmfs(query, ref, values, spatial_shapes, None, mask)
@@ -351,8 +320,8 @@ class MMFSBlock(nn.Module):
 
     def forward(self, sample: torch.Tensor, features: MMFSFeatures, mask: torch.Tensor) -> torch.Tensor:
         """sample [B, C, H, W], features.flat [B, n_img, S, feat_dim], mask [B, n_img] -> residual [B, C, H, W]."""
-        if sample.dim() != 4 or sample.shape[1] != self.query_dim:
-            raise ValueError(f"MMFSBlock: sample must be [B, {self.query_dim}, H, W], got {tuple(sample.shape)}")
+        if sample.dim() != 4 or sample.shape[1] != self.query_dim or sample.shape[2] != sample.shape[3]:
+            raise ValueError(f"MMFSBlock: sample must be square [B, {self.query_dim}, H, H], got {tuple(sample.shape)}")
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(
                 self._residual, sample, features.flat, mask, features.spatial_shapes, use_reentrant=False)
@@ -689,6 +658,7 @@ class DiffusionFeedback(nn.Module):
         if config.unet_gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.set_trainable()
+        self.train()  # from_pretrained leaves its models in eval mode; one mode for all sub-modules
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> DiffusionFeedback:
