@@ -28,9 +28,16 @@ FEAT_SIDES = (8, 4, 2, 1)  # DiffusionConfig.tiny(): a 32 px sniffer
 
 
 def tiny_unet(**kw) -> UNet2DConditionModel:
-    cfg = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=16,
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4, attention_head_dim=2)
+    cfg = dict(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     return UNet2DConditionModel(**cfg).eval()
@@ -73,9 +80,12 @@ def model() -> DiffusionFeedback:
 UNET_VARIANTS = {
     "brief": {},
     # mid block with cross-attention, 2 layers per block, 3 levels (two downsamplers)
-    "three_levels": dict(block_out_channels=(8, 16, 16), layers_per_block=2,
-                         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "three_levels": dict(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
 }
 
 
@@ -122,8 +132,9 @@ def test_mmfs_residuals_enter_where_controlnet_residuals_do():
     with torch.no_grad():
         got = run_unet(unet, x, t, ehs, mmfs, features(2), torch.ones(2, 1))
         plain = unet(x, t, ehs).sample
-        expected = unet(x, t, ehs, down_block_additional_residuals=seen["res"],
-                        mid_block_additional_residual=seen["mid"]).sample
+        expected = unet(
+            x, t, ehs, down_block_additional_residuals=seen["res"], mid_block_additional_residual=seen["mid"]
+        ).sample
     assert len(seen["res"]) == len(mmfs.mmfs_down_blocks) == 9
     assert all(r.abs().max() > 0 for r in seen["res"])
     assert (got - plain).abs().max() > 1e-3
@@ -139,6 +150,7 @@ def test_run_unet_rejects_unsupported_unet():
 # ------------------------------------------------------------------------------------------------
 # MMFSNet
 # ------------------------------------------------------------------------------------------------
+
 
 def test_sd21_mmfsnet_layout_and_parameter_counts():
     """Spec §8.2 table and §13 counts, built on the meta device (no memory)."""
@@ -173,7 +185,9 @@ def test_sd21_mmfsnet_layout_and_parameter_counts():
 def test_block_layout_follows_the_unet():
     assert mmfs_block_layout([8, 16], 1, 16) == ([(8, 16), (8, 16), (8, 8), (16, 8)], (16, 8))
     assert mmfs_block_layout([4, 8, 8], [1, 2, 1], 9) == (
-        [(4, 9), (4, 9), (4, 5), (8, 5), (8, 5), (8, 3), (8, 3)], (8, 3))
+        [(4, 9), (4, 9), (4, 5), (8, 5), (8, 5), (8, 3), (8, 3)],
+        (8, 3),
+    )
 
 
 def test_mmfsnet_zero_init_is_exact_noop_and_learns():
@@ -270,6 +284,7 @@ def test_mmfsnet_input_errors():
 # Timestep remap and loss reductions
 # ------------------------------------------------------------------------------------------------
 
+
 def test_encoder_timestep_remap():
     t = torch.arange(1000)
     got = remap_encoder_timesteps(t)
@@ -280,7 +295,14 @@ def test_encoder_timestep_remap():
     assert torch.equal(got, torch.round((t - 500) * 0.6 + 500).long())
     assert got.min() == 200 and got.max() == 799 and got.dtype == torch.int64
     assert remap_encoder_timesteps(torch.tensor([0, 1, 2, 3, 500, 998, 999])).tolist() == [
-        200, 201, 201, 202, 500, 799, 799]
+        200,
+        201,
+        201,
+        202,
+        500,
+        799,
+        799,
+    ]
     # fractional timesteps hit exact .5 values: round half to even
     half = remap_encoder_timesteps(torch.tensor([502.5, 507.5, 512.5, 497.5, 492.5]))
     assert half.tolist() == [502, 504, 508, 498, 496]  # 501.5, 504.5, 507.5, 498.5, 495.5
@@ -322,6 +344,7 @@ def test_image_generation_loss_is_not_renormalised():
 # DiffusionFeedback: training loss
 # ------------------------------------------------------------------------------------------------
 
+
 def test_loss_shapes_and_gradient_flow(model):
     model.train()
     B = 2
@@ -356,8 +379,9 @@ def test_unet_trainable_flag():
     assert not any(p.requires_grad for p in m.vae.parameters())
     frozen = {n for n, p in m.mmfs_module.named_parameters() if not p.requires_grad}
     assert frozen and all(n.endswith(("pos_embed", "ignore_token")) for n in frozen)
-    loss = m.loss(torch.rand(1, 3, 32, 32), torch.randn(1, 7, 16), mode="decoder",
-                  generator=torch.Generator().manual_seed(0))
+    loss = m.loss(
+        torch.rand(1, 3, 32, 32), torch.randn(1, 7, 16), mode="decoder", generator=torch.Generator().manual_seed(0)
+    )
     loss.mean().backward()
     assert m.unet.conv_out.weight.grad.abs().max() > 0
     m.set_trainable(freeze_unet=True)
@@ -474,6 +498,7 @@ def test_load_errors_name_the_missing_file(model, tmp_path):
 # Generation
 # ------------------------------------------------------------------------------------------------
 
+
 def test_generate_shapes_range_determinism_and_cfg(model):
     model.eval()
     perturb_convs(model.mmfs_module)
@@ -485,7 +510,8 @@ def test_generate_shapes_range_determinism_and_cfg(model):
 
     seen = []
     handle = model.mmfs_module.mmfs_mid_block.register_forward_hook(
-        lambda mod, args, out: seen.append((args[1].flat, args[2])))
+        lambda mod, args, out: seen.append((args[1].flat, args[2]))
+    )
     steps = []
     t_handle = model.unet.time_proj.register_forward_pre_hook(lambda mod, args: steps.append(args[0][0].item()))
     out = model.generate(cond, neg, feats, mask, guidance_scale=3.5, generator=torch.Generator().manual_seed(1), **kw)
