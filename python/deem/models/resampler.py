@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2QFormerMultiHeadAttention
 
@@ -226,6 +227,7 @@ class PerceiverResampler(nn.Module):
         self.queries = nn.Parameter(torch.empty(1, config.num_queries, config.hidden, device=w.device, dtype=w.dtype))
         with torch.no_grad():
             self.queries.normal_(0.0, config.initializer_range)
+        self.gradient_checkpointing = False
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -242,11 +244,8 @@ class PerceiverResampler(nn.Module):
         self.queries.normal_(0.0, r)
 
     def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing per Q-Former layer (HF ``GradientCheckpointingLayer``)."""
-        if enable:
-            self.blip2qformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.blip2qformer.gradient_checkpointing_disable()
+        """Activation checkpointing per Q-Former layer in training (non-reentrant ``torch.utils.checkpoint``)."""
+        self.gradient_checkpointing = enable
 
     def forward(
         self,
@@ -278,6 +277,12 @@ class PerceiverResampler(nn.Module):
         qf = self.blip2qformer
         h = qf.dropout(qf.layernorm(self.queries.expand(b, -1, -1)))
         enc = encoder_hidden_states.to(dtype)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in qf.encoder.layer:
-            h = layer(h, None, enc, encoder_attention_mask=mask, query_length=c.num_queries)
+            if checkpointing:
+                h = checkpoint(
+                    layer, h, None, enc, encoder_attention_mask=mask, query_length=c.num_queries, use_reentrant=False
+                )
+            else:
+                h = layer(h, None, enc, encoder_attention_mask=mask, query_length=c.num_queries)
         return h
