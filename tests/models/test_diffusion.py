@@ -18,6 +18,7 @@ from deem.models.diffusion import (
     MMFSNet,
     image_generation_loss,
     mmfs_block_layout,
+    negative_prompt_embedding,
     pack_mmfs_features,
     remap_encoder_timesteps,
     run_unet,
@@ -492,6 +493,36 @@ def test_load_errors_name_the_missing_file(model, tmp_path):
         DiffusionFeedback(DiffusionConfig.sd21_base(tmp_path, **TINY_MMFS))
     with pytest.raises(ValueError, match="either pretrained_path or"):
         DiffusionConfig(pretrained_path=str(tmp_path), unet_config={})
+
+
+def test_negative_prompt_embedding_from_text_encoder(tmp_path):
+    """The empty prompt as SD-2.1 tokenises it (<bos> <eos> then "!" padding to 77), through the
+    text encoder, last_hidden_state."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with pytest.raises(FileNotFoundError, match=r"tokenizer/tokenizer_config\.json"):
+        negative_prompt_embedding(tmp_path)
+    tok = tmp_path / "tokenizer"
+    tok.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3, "b</w>": 4}
+    (tok / "vocab.json").write_text(json.dumps(vocab))
+    (tok / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (tok / "tokenizer_config.json").write_text(json.dumps(dict(model_max_length=77, pad_token="!", **special)))
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=2)
+    encoder = CLIPTextModel(cfg).eval()
+    encoder.save_pretrained(tmp_path / "text_encoder")
+    emb = negative_prompt_embedding(tmp_path)
+    assert emb.shape == (1, 77, 16) and emb.dtype == torch.float32 and not emb.requires_grad
+    ids = torch.tensor([[0, 1] + [2] * 75])
+    with torch.no_grad():
+        expected = encoder(ids).last_hidden_state
+    torch.testing.assert_close(emb, expected)
+    other = negative_prompt_embedding(tmp_path, prompt="a b")
+    assert (other - emb).abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ __all__ = [
     "MMFSNet",
     "image_generation_loss",
     "mmfs_block_layout",
+    "negative_prompt_embedding",
     "pack_mmfs_features",
     "remap_encoder_timesteps",
     "run_unet",
@@ -612,6 +613,31 @@ def _load_components(config: DiffusionConfig) -> tuple[UNet2DConditionModel, Aut
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **common)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     return unet, vae.float(), scheduler
+
+
+@torch.no_grad()
+def negative_prompt_embedding(path: str | Path, prompt: str = "", device: torch.device | str | None = None,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The SD text encoder's `last_hidden_state` for `prompt` (default the empty prompt), padded to
+    the tokenizer's max length: the initial value of the learnable negative prompt embedding
+    (spec §9.3, §12), [1, 77, 1024] for SD-2.1. Reads `tokenizer/` and `text_encoder/` of a local
+    diffusers directory offline; the text encoder is not kept."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    for sub, needed in (("tokenizer", "tokenizer_config.json"), ("text_encoder", "config.json"),
+                        ("text_encoder", "model.safetensors")):
+        if not (path / sub / needed).is_file():
+            raise FileNotFoundError(f"{path}: missing {sub}/{needed} (needed for the negative prompt embedding)")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
+                                            use_safetensors=True).eval()
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    if device is not None:
+        encoder.to(device)
+    out = encoder(ids.to(encoder.device)).last_hidden_state
+    return out.to(dtype).detach()
 
 
 # --------------------------------------------------------------------------------------------------
