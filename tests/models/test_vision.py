@@ -1,5 +1,7 @@
 """deem.models.vision: the ConvNeXt sniffer, its sin-cos positions and open_clip loading (spec §2)."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -178,6 +180,12 @@ def test_config_presets_and_validation():
         SnifferConfig(depths=(1, 1, 1), dims=(8, 16, 32))
 
 
+def test_config_json_round_trip():
+    cfg = SnifferConfig.tiny(drop_path_rate=0.2)
+    again = SnifferConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert again == cfg
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------
@@ -263,6 +271,15 @@ def test_sniffer_rejects_bad_pixels():
         s(torch.rand(1, 3, 64, 96))
     with pytest.raises(ValueError, match="divisible by 32"):
         s(torch.rand(1, 3, 80, 80))
+
+
+def test_low_precision_sniffer_takes_float_pixels():
+    s = tiny_sniffer(image_size=64).eval()
+    pixels = torch.rand(2, 3, 64, 64)
+    ref = s(pixels)
+    out = s.to(torch.bfloat16)(pixels)
+    assert out.tokens.dtype == torch.bfloat16 and all(m.dtype == torch.bfloat16 for m in out.multiscale)
+    torch.testing.assert_close(out.tokens.float(), ref.tokens, rtol=0.05, atol=0.05)
 
 
 def test_pos_embed_is_a_frozen_persistent_buffer():

@@ -152,6 +152,8 @@ class SnifferConfig:
     def __post_init__(self) -> None:
         self.depths = tuple(int(d) for d in self.depths)
         self.dims = tuple(int(d) for d in self.dims)
+        self.clip_mean = tuple(float(v) for v in self.clip_mean)
+        self.clip_std = tuple(float(v) for v in self.clip_std)
         if len(self.depths) != 4 or len(self.dims) != 4:
             raise ValueError(f"SnifferConfig: depths {self.depths} and dims {self.dims} must have 4 stages each")
         if self.out_dim % 4 != 0:
@@ -235,9 +237,11 @@ class ConvNeXtSniffer(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.pos_grid, cls_token=True))
         self.register_buffer("clip_mean", torch.tensor(config.clip_mean).view(1, 3, 1, 1))
         self.register_buffer("clip_std", torch.tensor(config.clip_std).view(1, 3, 1, 1))
-        self._drop_paths = [m for m in self.trunk.modules() if isinstance(m, DropPath)]
-        self._drop_path_schedule = [float(m.drop_prob) for m in self._drop_paths]
+        self._drop_path_schedule = [float(m.drop_prob) for m in self._drop_path_modules()]
         self.trunk_frozen = False
+
+    def _drop_path_modules(self) -> list[DropPath]:
+        return [m for m in self.trunk.modules() if isinstance(m, DropPath)]
 
     @property
     def adapters(self) -> list[nn.Linear]:
@@ -263,13 +267,13 @@ class ConvNeXtSniffer(nn.Module):
         the configured schedule.
         """
         self.trunk.requires_grad_(not frozen)
-        for module, rate in zip(self._drop_paths, self._drop_path_schedule):
+        for module, rate in zip(self._drop_path_modules(), self._drop_path_schedule):
             module.drop_prob = 0.0 if frozen else rate
         self.trunk_frozen = frozen
 
     def drop_path_rates(self) -> list[float]:
         """Current stochastic-depth rate of every trunk block that has one (0 when frozen)."""
-        return [float(m.drop_prob) for m in self._drop_paths]
+        return [float(m.drop_prob) for m in self._drop_path_modules()]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the trunk stages (timm's per-stage switch)."""
@@ -299,7 +303,7 @@ class ConvNeXtSniffer(nn.Module):
         """pixels ``[B, 3, R, R]`` in [0, 1] (R a multiple of 32) -> :class:`SnifferOutput`."""
         self._check_pixels(pixels)
         x = (pixels - self.clip_mean) / self.clip_std
-        x = self.trunk.stem(x)
+        x = self.trunk.stem(x.to(self.trunk.stem[0].weight.dtype))
         maps: list[torch.Tensor] = []
         for stage, adapter in zip(self.trunk.stages, self.adapters):
             x = stage(x)
