@@ -435,13 +435,31 @@ def test_vae_stays_fp32_under_dtype_casts(model):
     assert model.unet.dtype == torch.bfloat16
     assert next(model.mmfs_module.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.vae.parameters())
-    assert model.alphas_cumprod.dtype == torch.float32
     model.half()
     assert model.unet.dtype == torch.float16 and all(p.dtype == torch.float32 for p in model.vae.parameters())
     lat = model.encode_latents(torch.rand(1, 3, 32, 32))
     assert lat.dtype == torch.float32 and lat.shape == (1, 4, 16, 16)
     model.float()
     assert model.unet.dtype == torch.float32
+
+
+def test_meta_construction_then_state_dict_load(model):
+    """Built on the meta device, materialised with to_empty and loaded from a state dict, the model
+    computes what the original does; reset_parameters restores the frozen sin-cos tables."""
+    with torch.device("meta"):
+        meta = DiffusionFeedback(DiffusionConfig.tiny())
+    assert meta.unet.conv_in.weight.is_meta and not meta.alphas_cumprod.is_meta
+    meta.to_empty(device="cpu")
+    meta.mmfs_module.reset_parameters()
+    ref_pos = {n: p for n, p in model.mmfs_module.named_parameters() if n.endswith("pos_embed")}
+    assert all(torch.equal(p, ref_pos[n]) for n, p in meta.mmfs_module.named_parameters() if n.endswith("pos_embed"))
+    missing, unexpected = meta.load_state_dict(model.state_dict())
+    assert not missing and not unexpected
+    images, cond = torch.rand(1, 3, 32, 32), torch.randn(1, 77, 16)
+    with torch.no_grad():
+        a = model.loss(images, cond, features(1), generator=torch.Generator().manual_seed(0))
+        b = meta.loss(images, cond, features(1), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -295,13 +295,18 @@ class MMFSBlock(nn.Module):
             n_heads=num_heads, n_points=n_points, ratio=deform_ratio, offset_init_magnitude=offset_init_magnitude,
             spatial_shapes=self.spatial_shapes, base_spatial_shape=base_spatial_shape,
             max_num_image_per_seq=max_num_image_per_seq)
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(query_dim, grid_size).float(), requires_grad=False)
+        self.grid_size = grid_size
+        self.pos_embed = nn.Parameter(torch.empty(grid_size * grid_size, query_dim), requires_grad=False)
         self.conv = nn.Conv2d(query_dim, query_dim, kernel_size=1)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Spec §12: LayerNorms (1, 0), MMFS §5.2, 1x1 conv all zeros."""
+        """Spec §12: LayerNorms (1, 0), MMFS §5.2, 1x1 conv all zeros, the sin-cos table (also after
+        a meta-device construction and `to_empty`)."""
+        with torch.device("cpu"):
+            table = sincos_pos_embed_2d(self.query_dim, self.grid_size)
+        self.pos_embed.copy_(table)
         self.query_norm.reset_parameters()
         self.feat_norm.reset_parameters()
         self.mmfs.reset_parameters()
@@ -604,14 +609,16 @@ def _load_components(config: DiffusionConfig) -> tuple[UNet2DConditionModel, Aut
     if config.pretrained_path is None:
         unet = UNet2DConditionModel.from_config(config.unet_config)
         vae = AutoencoderKL.from_config(config.vae_config)
-        scheduler = DDPMScheduler.from_config(config.scheduler_config)
+        with torch.device("cpu"):  # the schedule is plain data, also under a meta-device construction
+            scheduler = DDPMScheduler.from_config(config.scheduler_config)
         return unet, vae.float(), scheduler
     path = Path(config.pretrained_path)
     _check_diffusers_dir(path, config.variant)
     common = dict(local_files_only=True, use_safetensors=True, variant=config.variant)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **common)
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    with torch.device("cpu"):
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     return unet, vae.float(), scheduler
 
 
@@ -654,8 +661,10 @@ class DiffusionFeedback(nn.Module):
 
     Sub-modules: `unet` (diffusers UNet2DConditionModel; frozen unless `config.freeze_unet` is
     False), `vae` (AutoencoderKL, always frozen and always fp32, also under `.to(dtype)`/`.half()`),
-    `mmfs_module` (MMFSNet; `mmfs_net` is an alias). `scheduler` is the DDPMScheduler (not a module);
-    `alphas_cumprod` a non-persistent fp32 buffer.
+    `mmfs_module` (MMFSNet; `mmfs_net` is an alias). `scheduler` is the DDPMScheduler and
+    `alphas_cumprod` its fp32 CPU schedule (neither is module state, so meta-device construction plus
+    `to_empty` and a state-dict load leave them intact; `MMFSNet.reset_parameters` restores the
+    sin-cos tables).
     """
 
     def __init__(self, config: DiffusionConfig) -> None:
@@ -680,7 +689,8 @@ class DiffusionFeedback(nn.Module):
             deform_ratio=config.mmfs_deform_ratio, offset_init_magnitude=config.mmfs_offset_init_magnitude,
             max_num_image_per_seq=config.mmfs_max_num_image_per_seq, spatial_shapes=config.mmfs_spatial_shapes,
             gradient_checkpointing=config.mmfs_gradient_checkpointing)
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.detach().clone().float(), persistent=False)
+        self.alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32).clone()
+        self._schedule_cache: dict[torch.device, torch.Tensor] = {}
         if config.unet_gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.set_trainable()
@@ -709,9 +719,14 @@ class DiffusionFeedback(nn.Module):
         self.unet.requires_grad_(not self.config.freeze_unet)
         self.mmfs_module.set_trainable()
 
+    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._schedule_cache:
+            self._schedule_cache[device] = self.alphas_cumprod.to(device)
+        return self._schedule_cache[device]
+
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        """Like nn.Module._apply, but dtype conversions skip the VAE and the noise schedule: they stay
-        fp32 (device moves still apply)."""
+        """Like nn.Module._apply, but dtype conversions skip the VAE: it stays fp32 (device moves
+        still apply)."""
 
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
@@ -722,7 +737,7 @@ class DiffusionFeedback(nn.Module):
         if recurse:
             for name, child in self.named_children():
                 child._apply(keep_dtype if name == "vae" else fn)
-        return super()._apply(keep_dtype, recurse=False)
+        return super()._apply(fn, recurse=False)
 
     # ---------------------------------------------------------------- latents
     def _check_images(self, images: torch.Tensor) -> None:
@@ -753,7 +768,7 @@ class DiffusionFeedback(nn.Module):
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε, in fp32."""
-        ac = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        ac = self._alphas_cumprod_on(timesteps.device)[timesteps].view(-1, 1, 1, 1)
         return ac.sqrt() * latents.float() + (1 - ac).sqrt() * noise.float()
 
     # ---------------------------------------------------------------- training loss
@@ -805,7 +820,7 @@ class DiffusionFeedback(nn.Module):
         if prediction_type == "epsilon":
             target = noise
         elif prediction_type == "v_prediction":
-            ac = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+            ac = self._alphas_cumprod_on(timesteps.device)[timesteps].view(-1, 1, 1, 1)
             target = ac.sqrt() * noise - (1 - ac).sqrt() * latents
         else:
             raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
@@ -863,7 +878,8 @@ class DiffusionFeedback(nn.Module):
         if not 0 < num_inference_steps <= self.num_train_timesteps:
             raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}]")
 
-        scheduler = DDPMScheduler.from_config(self.scheduler.config)  # own state per call
+        with torch.device("cpu"):
+            scheduler = DDPMScheduler.from_config(self.scheduler.config)  # own state per call
         device, dtype = cond.device, self.unet.dtype
         scheduler.set_timesteps(num_inference_steps, device=device)
         shape_tail = (self.unet.config.in_channels, self.latent_size, self.latent_size)
