@@ -174,8 +174,9 @@ def test_config_presets_and_validation():
     assert (base.out_dim, base.drop_path_rate, base.pos_grid, base.image_size) == (1024, 0.1, 16, 256)
     tiny = SnifferConfig.tiny()
     assert tiny.image_size == 64 and tiny.pos_grid == 4
+    assert SnifferConfig.convnext_base(image_size=448).pos_grid == 16  # the 16-grid table, resized at 448 px
     with pytest.raises(ValueError, match="image_size"):
-        SnifferConfig.tiny(image_size=64, pos_grid=5)
+        SnifferConfig.tiny(image_size=48)
     with pytest.raises(ValueError, match="4 stages"):
         SnifferConfig(depths=(1, 1, 1), dims=(8, 16, 32))
 

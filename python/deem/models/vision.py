@@ -131,8 +131,9 @@ class SnifferConfig:
         depths, dims: ConvNeXt blocks and widths per stage (4 stages).
         out_dim: width of every adapted map and of the tokens (``image_embed_dim``).
         drop_path_rate: stochastic-depth maximum, linear over all blocks (timm schedule).
-        pos_grid: side of the sin-cos table's grid (the token grid at ``image_size``).
-        image_size: nominal input side; ``image_size == 16 * pos_grid``.
+        pos_grid: side of the sin-cos table's grid (16 for DEEM at every resolution: at 448 px the
+            16-grid table is resized bicubically to the 28-grid, as in the original; spec §2.4).
+        image_size: the input side the model is configured for (a multiple of 32).
         norm_eps: eps of every trunk LayerNorm.
         ls_init_value: initial layer-scale γ of the blocks (timm default).
         clip_mean, clip_std: input normalisation applied to [0, 1] pixels.
@@ -158,11 +159,8 @@ class SnifferConfig:
             raise ValueError(f"SnifferConfig: depths {self.depths} and dims {self.dims} must have 4 stages each")
         if self.out_dim % 4 != 0:
             raise ValueError(f"SnifferConfig: out_dim={self.out_dim} must be divisible by 4 (2-D sin-cos table)")
-        if self.image_size != TOKEN_STRIDE * self.pos_grid:
-            raise ValueError(
-                f"SnifferConfig: image_size={self.image_size} must equal {TOKEN_STRIDE} * pos_grid={self.pos_grid} "
-                f"(the table's grid is the stage-{TOKEN_STAGE} map at image_size)"
-            )
+        if self.image_size % (2 * TOKEN_STRIDE) != 0:
+            raise ValueError(f"SnifferConfig: image_size={self.image_size} must be a multiple of {2 * TOKEN_STRIDE}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"SnifferConfig: drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
