@@ -7,9 +7,32 @@ import json
 import sys
 
 
+def _model_counts(config_name: str, stage: str | None) -> dict[str, dict[str, int]]:
+    """Parameter counts per component, built on the meta device (no memory, no weights)."""
+    import torch
+
+    from deem.models import DeemModel, config_from_name
+
+    cfg = config_from_name(config_name, stage)
+    with torch.device("meta"):
+        model = DeemModel(cfg)
+    counts = model.parameter_counts()
+    counts["total"] = {k: sum(c[k] for c in counts.values()) for k in ("total", "trainable")}
+    return counts
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from deem import build_info
 
+    if args.config:
+        counts = _model_counts(args.config, args.stage)
+        if args.json:
+            print(json.dumps(counts, indent=2))
+            return 0
+        print(f"{'component':<20}{'parameters':>16}{'trainable':>16}")
+        for name, c in counts.items():
+            print(f"{name:<20}{c['total'] / 1e6:>15.2f}M{c['trainable'] / 1e6:>15.2f}M")
+        return 0
     info = build_info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -27,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deem", description="DEEM: diffusion models as the eyes of LLMs.")
     parser.add_argument("--version", action="version", version=f"deem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="show the installed build (kernels, versions)")
+    info = sub.add_parser("info", help="show the installed build, or a model's parameter counts")
+    info.add_argument("--config", help="a preset (deem_7b, tiny) or a saved config: print parameter counts")
+    info.add_argument("--stage", help="training stage preset (pretrain_deem, pretrain_baseline, sft_vqa, ...)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
     add_data_commands(sub)

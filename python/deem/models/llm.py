@@ -52,8 +52,9 @@ class VisionContext:
         """Expanded for beam search / several returned sequences per sample."""
         if times == 1:
             return self
-        return VisionContext(self.features.repeat_interleave(times, 0), self.spatial_shapes,
-                             self.visibility.repeat_interleave(times, 0))
+        return VisionContext(
+            self.features.repeat_interleave(times, 0), self.spatial_shapes, self.visibility.repeat_interleave(times, 0)
+        )
 
 
 class _ContextSlot:
@@ -73,11 +74,19 @@ class MMFSCrossAttention(nn.Module):
         hidden = config.hidden_size
         self.gate = nn.Parameter(torch.zeros(1))
         self.attn = MMFS(
-            d_model=hidden, d_query=hidden, d_value=settings.vision_width, d_out=hidden,
-            n_levels=len(settings.spatial_shapes), n_heads=settings.n_heads, n_points=settings.n_points,
-            ratio=settings.vision_width / hidden, offset_init_magnitude=settings.offset_init_magnitude,
-            spatial_shapes=tuple(settings.spatial_shapes), base_spatial_shape=settings.base_spatial_shape,
-            max_num_image_per_seq=settings.max_num_image_per_seq, ignore_token_trainable=True,
+            d_model=hidden,
+            d_query=hidden,
+            d_value=settings.vision_width,
+            d_out=hidden,
+            n_levels=len(settings.spatial_shapes),
+            n_heads=settings.n_heads,
+            n_points=settings.n_points,
+            ratio=settings.vision_width / hidden,
+            offset_init_magnitude=settings.offset_init_magnitude,
+            spatial_shapes=tuple(settings.spatial_shapes),
+            base_spatial_shape=settings.base_spatial_shape,
+            max_num_image_per_seq=settings.max_num_image_per_seq,
+            ignore_token_trainable=True,
         )
         self.norm1 = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
         self.norm2 = LlamaRMSNorm(settings.vision_width, eps=config.rms_norm_eps)
@@ -85,11 +94,19 @@ class MMFSCrossAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, context: VisionContext) -> torch.Tensor:
         B, L, _ = hidden_states.shape
         if context.features.shape[0] != B:
-            raise ValueError(f"vision context has batch {context.features.shape[0]} but the hidden states have {B} "
-                             "(expand the context for beam search with VisionContext.repeat_interleave)")
+            raise ValueError(
+                f"vision context has batch {context.features.shape[0]} but the hidden states have {B} "
+                "(expand the context for beam search with VisionContext.repeat_interleave)"
+            )
         reference = hidden_states.new_full((1, L, 1, 2), 0.5)  # every text token looks at the image centre
-        out = self.attn(self.norm1(hidden_states), reference, self.norm2(context.features), context.spatial_shapes,
-                        None, context.visibility)
+        out = self.attn(
+            self.norm1(hidden_states),
+            reference,
+            self.norm2(context.features),
+            context.spatial_shapes,
+            None,
+            context.visibility,
+        )
         return out * self.gate.tanh()
 
 
@@ -105,8 +122,11 @@ class MMFSDecoderLayer(LlamaDecoderLayer):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         residual = hidden_states
         hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-            position_ids=position_ids, position_embeddings=position_embeddings, **kwargs,
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **kwargs,
         )
         hidden_states = residual + hidden_states
         context = self._slot.context
@@ -131,7 +151,8 @@ class DeemLlamaModel(LlamaModel):
         self.settings = settings
         self._slot = _ContextSlot()
         self.layers = nn.ModuleList(
-            [MMFSDecoderLayer(config, i, settings, self._slot) for i in range(config.num_hidden_layers)])
+            [MMFSDecoderLayer(config, i, settings, self._slot) for i in range(config.num_hidden_layers)]
+        )
         self.post_init()
         self.reset_cross_attention()
 

@@ -10,23 +10,27 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def scatter_image_embeddings(text_embeds: torch.Tensor, text_ids: torch.Tensor, image_embeds: torch.Tensor,
-                             image_token_id: int) -> torch.Tensor:
+def scatter_image_embeddings(
+    text_embeds: torch.Tensor, text_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
     """Replace, in row-major order, the embeddings at every `<image>` token with the rows of
     `image_embeds` [B_I, n_tokens, C]. The counts must match exactly."""
     slots = text_ids == image_token_id
     rows = image_embeds.reshape(-1, image_embeds.shape[-1])
     n_slots = int(slots.sum())
     if n_slots != rows.shape[0]:
-        raise ValueError(f"text_ids hold {n_slots} <image> tokens but the images give {rows.shape[0]} embeddings "
-                         f"({image_embeds.shape[0]} images x {image_embeds.shape[1]} tokens)")
+        raise ValueError(
+            f"text_ids hold {n_slots} <image> tokens but the images give {rows.shape[0]} embeddings "
+            f"({image_embeds.shape[0]} images x {image_embeds.shape[1]} tokens)"
+        )
     out = text_embeds.to(rows.dtype).clone()
     out[slots] = rows
     return out
 
 
-def add_soi_embedding(embeds: torch.Tensor, text_ids: torch.Tensor, soi_embedding: torch.Tensor,
-                      soi_token_id: int) -> torch.Tensor:
+def add_soi_embedding(
+    embeds: torch.Tensor, text_ids: torch.Tensor, soi_embedding: torch.Tensor, soi_token_id: int
+) -> torch.Tensor:
     """`embeds[<soi>] += soi_embedding` (a learnable [1, C] vector, zero at init)."""
     mask = (text_ids == soi_token_id).unsqueeze(-1).to(embeds.dtype)
     return embeds + mask * soi_embedding.to(embeds.dtype).view(1, 1, -1)
@@ -41,14 +45,16 @@ def image_start_positions(text_ids: torch.Tensor, num_image_per_seq: torch.Tenso
     for b in range(B):
         soi = (text_ids[b] == soi_token_id).nonzero(as_tuple=True)[0]
         if soi.numel() != counts[b]:
-            raise ValueError(f"row {b}: num_image_per_seq says {counts[b]} images but text_ids hold {soi.numel()} "
-                             "<soi> tokens")
+            raise ValueError(
+                f"row {b}: num_image_per_seq says {counts[b]} images but text_ids hold {soi.numel()} <soi> tokens"
+            )
         pos[b, : counts[b]] = soi + 1
     return pos
 
 
-def cross_attention_visibility(text_ids: torch.Tensor, num_image_per_seq: torch.Tensor, soi_token_id: int,
-                               bos_token_id: int) -> torch.Tensor:
+def cross_attention_visibility(
+    text_ids: torch.Tensor, num_image_per_seq: torch.Tensor, soi_token_id: int, bos_token_id: int
+) -> torch.Tensor:
     """[B, L, N_max] float 0/1: token t sees image j iff the image starts after the latest `<s>` at or
     before t and at or before t (spec §6.4)."""
     B, L = text_ids.shape
@@ -72,7 +78,7 @@ def pack_image_features(levels: list[torch.Tensor], num_image_per_seq: torch.Ten
     out = flat.new_zeros(B, n_max, *flat.shape[1:])
     start = 0
     for b, n in enumerate(counts):
-        out[b, :n] = flat[start:start + n]
+        out[b, :n] = flat[start : start + n]
         start += n
     return out
 
@@ -86,8 +92,9 @@ def sincos_1d(length: int, dim: int, device=None, dtype=torch.float32) -> torch.
     return torch.cat([pos.sin(), pos.cos()], dim=1).to(device=device, dtype=dtype)
 
 
-def image_context(hidden: torch.Tensor, text_ids: torch.Tensor, soi_token_id: int,
-                  nearest_bos_idxs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_context(
+    hidden: torch.Tensor, text_ids: torch.Tensor, soi_token_id: int, nearest_bos_idxs: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image (one per `<soi>`, row-major): the LLM states from its nearest `<s>` to its `<soi>`
     inclusive, reversed (index 0 is the `<soi>` state), padded (spec §9.1).
 
@@ -102,14 +109,15 @@ def image_context(hidden: torch.Tensor, text_ids: torch.Tensor, soi_token_id: in
     context = hidden.new_zeros(len(cols), L_max, hidden.shape[-1])
     mask = torch.zeros(len(cols), L_max, dtype=torch.long, device=hidden.device)
     for i in range(len(cols)):
-        seg = hidden[rows[i], int(nearest_bos_idxs[i]): int(cols[i]) + 1].flip(0)
+        seg = hidden[rows[i], int(nearest_bos_idxs[i]) : int(cols[i]) + 1].flip(0)
         context[i, : seg.shape[0]] = seg
         mask[i, : seg.shape[0]] = 1
     return context, mask, rows
 
 
-def previous_image_features(levels: list[torch.Tensor], text_ids: torch.Tensor, soi_token_id: int,
-                            nearest_bos_idxs: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def previous_image_features(
+    levels: list[torch.Tensor], text_ids: torch.Tensor, soi_token_id: int, nearest_bos_idxs: torch.Tensor | None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The image-decoder MMFS context (spec §9.2): each image may use only the immediately preceding image,
     when that image's `<soi>` lies at or after this image's nearest `<s>` in the same row.
 
@@ -138,10 +146,10 @@ def text_loss(logits: torch.Tensor, gt_text_ids: torch.Tensor) -> torch.Tensor:
     targets = gt_text_ids[:, 1:]
     if int((targets != IGNORE_INDEX).sum()) == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 def num_parameters(module: torch.nn.Module, trainable: bool | None = None) -> int:
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
-

@@ -1,0 +1,307 @@
+"""`DeemConfig`: one configuration class for every model size, with the 7B and tiny presets and the
+training-stage presets (which modules train, which losses are on; spec/model.md §0, §8.7)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from transformers import LlamaConfig, PretrainedConfig
+
+from deem.models.diffusion import DiffusionConfig
+from deem.models.llm import MMFSSettings
+from deem.models.resampler import QFormerConfig
+from deem.models.vision import SnifferConfig
+
+LLAMA_SPECIAL_TOKENS = {
+    "bos": 1,
+    "eos": 2,
+    "pad": 31999,
+    "soi": 32000,
+    "image": 32001,
+    "ref": 32002,
+    "/ref": 32003,
+    "box": 32004,
+    "/box": 32005,
+}
+
+STAGES = ("pretrain_deem", "pretrain_baseline", "sft_caption", "sft_vqa", "sft_referring")
+
+
+def _asdict(value: Any) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return copy.deepcopy(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, PretrainedConfig):
+        return value.to_dict()
+    raise TypeError(f"expected a dict or a config object, got {type(value).__name__}")
+
+
+class DeemConfig(PretrainedConfig):
+    """The whole DEEM model: LLM, MMFS cross-attention, sniffer, resamplers, diffusion feedback.
+
+    Sub-configurations are plain dicts (JSON); the typed views (`llm_config`, `sniffer_config`, ...)
+    rebuild the component config objects. `diffusion=None` builds no Stable Diffusion (no sniffer loss,
+    no image generation: the sft_referring stage); `image_decoder_resampler=None` builds no image decoder.
+    """
+
+    model_type = "deem"
+
+    def __init__(
+        self,
+        llm: dict | LlamaConfig | None = None,
+        mmfs: dict | MMFSSettings | None = None,
+        sniffer: dict | SnifferConfig | None = None,
+        sniffer_resampler: dict | QFormerConfig | None = None,
+        image_decoder_resampler: dict | QFormerConfig | None = None,
+        diffusion: dict | DiffusionConfig | None = None,
+        mask_pooling: dict | None = None,
+        special_tokens: dict[str, int] | None = None,
+        text_vocab_size: int = 32006,
+        base_vocab_size: int = 32000,
+        num_img_token: int = 77,
+        context_seq_len: int = 2048,
+        loss_txt_weight: float = 1.0,
+        loss_img_weight: float = 5.0,
+        loss_sniffer_weight: float = 5.0,
+        uncond_prob: float = 0.1,
+        freeze_llm: bool = True,
+        freeze_vfm: bool = False,
+        freeze_dm: bool = True,
+        mask_align: bool = False,
+        llm_gradient_checkpointing: bool = True,
+        stage: str = "pretrain_deem",
+        **kwargs: Any,
+    ) -> None:
+        self.llm = _asdict(llm) or {}
+        self.mmfs = _asdict(mmfs) or dataclasses.asdict(MMFSSettings())
+        self.sniffer = _asdict(sniffer) or dataclasses.asdict(SnifferConfig.convnext_base())
+        self.sniffer_resampler = _asdict(sniffer_resampler) or dataclasses.asdict(QFormerConfig.sniffer_7b())
+        self.image_decoder_resampler = _asdict(image_decoder_resampler)
+        self.diffusion = _asdict(diffusion)
+        self.mask_pooling = _asdict(mask_pooling)
+        self.special_tokens = dict(special_tokens or LLAMA_SPECIAL_TOKENS)
+        self.text_vocab_size = text_vocab_size
+        self.base_vocab_size = base_vocab_size
+        self.num_img_token = num_img_token
+        self.context_seq_len = context_seq_len
+        self.loss_txt_weight = loss_txt_weight
+        self.loss_img_weight = loss_img_weight
+        self.loss_sniffer_weight = loss_sniffer_weight
+        self.uncond_prob = uncond_prob
+        self.freeze_llm = freeze_llm
+        self.freeze_vfm = freeze_vfm
+        self.freeze_dm = freeze_dm
+        self.mask_align = mask_align
+        self.llm_gradient_checkpointing = llm_gradient_checkpointing
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self.stage = stage
+        super().__init__(**kwargs)
+        self._validate()
+
+    # ---------------------------------------------------------------- typed views
+    @property
+    def llm_config(self) -> LlamaConfig:
+        cfg = LlamaConfig(**{k: v for k, v in self.llm.items() if k not in ("architectures", "transformers_version")})
+        cfg.vocab_size = self.text_vocab_size
+        return cfg
+
+    @property
+    def mmfs_settings(self) -> MMFSSettings:
+        return MMFSSettings(**{**self.mmfs, "spatial_shapes": tuple(self.mmfs["spatial_shapes"])})
+
+    @property
+    def sniffer_config(self) -> SnifferConfig:
+        return SnifferConfig(**self.sniffer)
+
+    @property
+    def sniffer_resampler_config(self) -> QFormerConfig:
+        return QFormerConfig(**self.sniffer_resampler)
+
+    @property
+    def image_decoder_resampler_config(self) -> QFormerConfig | None:
+        return None if self.image_decoder_resampler is None else QFormerConfig(**self.image_decoder_resampler)
+
+    @property
+    def diffusion_config(self) -> DiffusionConfig | None:
+        if self.diffusion is None:
+            return None
+        d = dict(self.diffusion)
+        d["mmfs_spatial_shapes"] = tuple(d["mmfs_spatial_shapes"])
+        return DiffusionConfig(**d)
+
+    @property
+    def has_image_decoder(self) -> bool:
+        return self.diffusion is not None and self.image_decoder_resampler is not None
+
+    def _validate(self) -> None:
+        if not self.llm:
+            return  # an empty config (transformers instantiates one to read defaults)
+        hidden = self.llm["hidden_size"]
+        if self.mmfs["vision_width"] != self.sniffer["out_dim"]:
+            raise ValueError(
+                f"mmfs.vision_width {self.mmfs['vision_width']} != sniffer.out_dim {self.sniffer['out_dim']}"
+            )
+        if self.sniffer_resampler["encoder_width"] != self.sniffer["out_dim"]:
+            raise ValueError("sniffer_resampler.encoder_width must equal sniffer.out_dim")
+        if self.sniffer_resampler["num_queries"] != self.num_img_token:
+            raise ValueError(
+                f"sniffer_resampler.num_queries {self.sniffer_resampler['num_queries']} != "
+                f"num_img_token {self.num_img_token}"
+            )
+        if self.image_decoder_resampler is not None and self.image_decoder_resampler["encoder_width"] != hidden:
+            raise ValueError("image_decoder_resampler.encoder_width must equal the LLM hidden size")
+        if self.image_decoder_resampler is not None and self.diffusion is None:
+            raise ValueError("an image decoder needs the diffusion model (diffusion=None)")
+        if self.base_vocab_size > self.text_vocab_size:
+            raise ValueError("base_vocab_size must not exceed text_vocab_size")
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+def deem_7b(diffusion_path: str | None = None) -> DeemConfig:
+    """The original DEEM 7B: Vicuna-7B, ConvNeXt-B sniffer at 256 px, SD-2.1-base (spec/model.md §0)."""
+    llm = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    diffusion = DiffusionConfig.sd21_base(diffusion_path)
+    return DeemConfig(
+        llm=llm,
+        mmfs=MMFSSettings(),
+        sniffer=SnifferConfig.convnext_base(),
+        sniffer_resampler=QFormerConfig.sniffer_7b(),
+        image_decoder_resampler=QFormerConfig.image_decoder_7b(),
+        diffusion=diffusion,
+        mask_pooling=None,
+    )
+
+
+def tiny(
+    vocab_size: int = 518, num_img_token: int = 4, special_tokens: dict[str, int] | None = None, image_size: int = 32
+) -> DeemConfig:
+    """A model of a few hundred thousand parameters running every code path on a CPU in seconds.
+
+    `vocab_size` and `special_tokens` come from the tiny tokenizer (deem.data.build_tiny_tokenizer: the six
+    DEEM tokens are the last ids); `image_size` is the sniffer and diffusion resolution."""
+    llm = LlamaConfig(
+        vocab_size=vocab_size - 6,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+    )
+    sides = tuple(image_size // s for s in (4, 8, 16, 32))
+    sniffer = SnifferConfig.tiny(image_size=image_size, drop_path_rate=0.0)
+    mmfs = MMFSSettings(
+        vision_width=sniffer.out_dim,
+        cross_attention_frequency=2,
+        spatial_shapes=sides[1:],
+        base_spatial_shape=sides[2],
+        n_heads=4,
+        n_points=4,
+        offset_init_magnitude=1.0,
+        max_num_image_per_seq=20,
+    )
+    diffusion = DiffusionConfig.tiny(
+        image_size=image_size,
+        mmfs_spatial_shapes=sides,
+        mmfs_heads=4,
+        mmfs_points=4,
+        mmfs_feature_dim=sniffer.out_dim,
+        mmfs_attn_dim=sniffer.out_dim,
+    )
+    cross_dim = diffusion.unet_config["cross_attention_dim"]
+    sniffer_rs = dataclasses.replace(
+        QFormerConfig.tiny_sniffer(),
+        encoder_width=sniffer.out_dim,
+        num_queries=num_img_token,
+        hidden=64,
+        heads=4,
+        num_layers=2,
+        dropout=0.0,
+    )
+    decoder_rs = dataclasses.replace(
+        QFormerConfig.tiny_image_decoder(),
+        encoder_width=llm.hidden_size,
+        hidden=cross_dim,
+        heads=2,
+        num_queries=num_img_token,
+    )
+    special = special_tokens or {
+        k: v for k, v in zip(("soi", "image", "ref", "/ref", "box", "/box"), range(vocab_size - 6, vocab_size))
+    }
+    special = {"bos": 1, "eos": 2, "pad": 3, **special}
+    return DeemConfig(
+        llm=llm,
+        mmfs=mmfs,
+        sniffer=sniffer,
+        sniffer_resampler=sniffer_rs,
+        image_decoder_resampler=decoder_rs,
+        diffusion=diffusion,
+        special_tokens=special,
+        text_vocab_size=vocab_size,
+        base_vocab_size=vocab_size - 6,
+        num_img_token=num_img_token,
+        context_seq_len=512,
+        llm_gradient_checkpointing=False,
+    )
+
+
+def with_stage(config: DeemConfig, stage: str, image_size: int | None = None) -> DeemConfig:
+    """A copy of `config` set up for a training stage (spec/model.md §0.2, §8.7):
+
+    * pretrain_deem: LLM and UNet frozen, sniffer trained, sniffer loss on;
+    * pretrain_baseline (MM-Interleaved): sniffer trunk frozen, UNet trained, no sniffer loss;
+    * sft_caption: as pretrain_deem (low learning rates come from the training config);
+    * sft_vqa: LLM trained, sniffer trunk frozen, UNet frozen (448 px for the 7B model);
+    * sft_referring: as sft_vqa with mask alignment and no diffusion model.
+    `image_size` changes the sniffer resolution (and the feature sizes the MMFS layers expect)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    cfg = DeemConfig.from_dict(config.to_dict())
+    flags = {
+        "pretrain_deem": dict(freeze_llm=True, freeze_vfm=False, freeze_dm=True, loss_sniffer_weight=5.0),
+        "pretrain_baseline": dict(freeze_llm=True, freeze_vfm=True, freeze_dm=False, loss_sniffer_weight=0.0),
+        "sft_caption": dict(freeze_llm=True, freeze_vfm=False, freeze_dm=True),
+        "sft_vqa": dict(freeze_llm=False, freeze_vfm=True, freeze_dm=True),
+        "sft_referring": dict(freeze_llm=False, freeze_vfm=True, freeze_dm=True, mask_align=True),
+    }[stage]
+    for key, value in flags.items():
+        setattr(cfg, key, value)
+    cfg.stage = stage
+    if stage == "sft_referring":
+        cfg.diffusion = None
+        cfg.image_decoder_resampler = None
+        if cfg.mask_pooling is None:
+            width = cfg.sniffer["out_dim"]
+            cfg.mask_pooling = {
+                "feat_dim": width,
+                "width": width,
+                "hidden": width,
+                "mask_size": 112 if width >= 1024 else 16,
+            }
+    if image_size is not None:
+        cfg.sniffer["image_size"] = image_size
+        sides = [image_size // s for s in (4, 8, 16, 32)]
+        cfg.mmfs["spatial_shapes"] = sides[1:]
+        if cfg.diffusion is not None:
+            cfg.diffusion["mmfs_spatial_shapes"] = sides
+    cfg._validate()
+    return cfg

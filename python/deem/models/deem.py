@@ -1,0 +1,556 @@
+"""`DeemModel`: the whole DEEM model (spec/model.md §1): visual tokenizer with the diffusion-feedback
+("sniffer") loss, LLaMA with MMFS cross-attention, text head, and the interleaved image decoder.
+
+The forward returns the text, image-generation and sniffer losses and their weighted total. The
+model follows the transformers conventions (`DeemConfig`, `save_pretrained` / `from_pretrained` with
+safetensors); `from_components` builds it from the real component checkpoints (HF LLaMA/Vicuna
+directory, diffusers SD 2.1 directory, open_clip ConvNeXt file) and `load_original_checkpoint` reads an
+original DEEM / MM-Interleaved `pytorch_model.bin` through a documented key map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedModel
+
+from deem.models.config import DeemConfig
+from deem.models.diffusion import DiffusionFeedback, image_generation_loss, pack_mmfs_features
+from deem.models.llm import DeemLlamaModel, TextHead, VisionContext
+from deem.models.multimodal import (
+    IGNORE_INDEX,
+    add_soi_embedding,
+    cross_attention_visibility,
+    image_context,
+    pack_image_features,
+    previous_image_features,
+    scatter_image_embeddings,
+    sincos_1d,
+    text_loss,
+)
+from deem.models.resampler import PerceiverResampler, QFormerConfig
+from deem.models.visual_tokenizer import VisualTokenizer
+
+
+@dataclass
+class DeemOutput:
+    loss: torch.Tensor
+    loss_txt: torch.Tensor | None
+    loss_img: torch.Tensor | None
+    loss_sniffer: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class ImageDecoder(nn.Module):
+    """Conditioning of the diffusion model on the LLM context of an image (spec/model.md §9): a 1-layer
+    Q-Former over the (reversed, position-coded) context and a learnable negative prompt for
+    classifier-free guidance."""
+
+    def __init__(self, resampler: QFormerConfig) -> None:
+        super().__init__()
+        self.perceiver_resampler = PerceiverResampler(resampler)
+        self.neg_prompt_embeds = nn.Parameter(torch.zeros(1, resampler.num_queries, resampler.hidden))
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.perceiver_resampler(context, mask)
+
+
+class DeemPreTrainedModel(PreTrainedModel):
+    config_class = DeemConfig
+    base_model_prefix = "deem"
+    supports_gradient_checkpointing = True
+    main_input_name = "text_ids"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Every component initialises itself as the original does (spec/model.md §12)."""
+
+
+class DeemModel(DeemPreTrainedModel):
+    def __init__(self, config: DeemConfig) -> None:
+        super().__init__(config)
+        llm_cfg = config.llm_config
+        hidden = llm_cfg.hidden_size
+        self.llm = DeemLlamaModel(llm_cfg, config.mmfs_settings)
+        self.text_head = TextHead(hidden, config.text_vocab_size, config.base_vocab_size)
+        with torch.no_grad():
+            self.text_head.init_from_lm_head(torch.randn(config.text_vocab_size, hidden) * llm_cfg.initializer_range)
+        diffusion_cfg = config.diffusion_config
+        self.diffusion = DiffusionFeedback(diffusion_cfg) if diffusion_cfg is not None else None
+        context_dim = self.diffusion.unet.config.cross_attention_dim if self.diffusion is not None else None
+        self.visual_tokenizer = VisualTokenizer(
+            config.sniffer_config, config.sniffer_resampler_config, hidden, context_dim, config.mask_pooling
+        )
+        decoder_cfg = config.image_decoder_resampler_config
+        self.image_decoder = ImageDecoder(decoder_cfg) if config.has_image_decoder else None
+        self.context_feat_proj = nn.Linear(hidden, hidden) if config.has_image_decoder else None
+        self.soi_token = nn.Parameter(torch.zeros(1, hidden))
+        self.post_init()
+        self.apply_stage()
+        if config.llm_gradient_checkpointing:
+            self.enable_llm_checkpointing()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> DeemModel:
+        """transformers' loading (safetensors, strict key check), then the configured stage's trainable set."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.apply_stage()
+        return model
+
+    def enable_llm_checkpointing(self) -> None:
+        """Recompute the LLM's decoder layers in the backward (non-reentrant)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ------------------------------------------------------------------ stages
+    def apply_stage(self) -> None:
+        """Trainable parameters of the configured stage (spec/model.md §8.7)."""
+        cfg = self.config
+        self.requires_grad_(False)
+        self.llm.requires_grad_(not cfg.freeze_llm)
+        for cross in self.llm.cross_attention_layers():
+            cross.requires_grad_(True)
+        self.text_head.head_new.requires_grad_(True)  # `head` is always frozen
+        self.visual_tokenizer.set_trainable(freeze_trunk=cfg.freeze_vfm)
+        if self.visual_tokenizer.proj_i is not None and cfg.loss_sniffer_weight == 0:
+            self.visual_tokenizer.proj_i.requires_grad_(False)  # only the sniffer loss uses it
+        if self.diffusion is not None:
+            self.diffusion.set_trainable(freeze_unet=cfg.freeze_dm)
+        for module in (self.image_decoder, self.context_feat_proj):
+            if module is not None:
+                module.requires_grad_(True)
+        self.soi_token.requires_grad_(True)
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def special(self) -> dict[str, int]:
+        return self.config.special_tokens
+
+    def _llm_vision_context(
+        self, multiscale: list[torch.Tensor], text_ids: torch.Tensor, num_image_per_seq: torch.Tensor
+    ) -> VisionContext | None:
+        if int(num_image_per_seq.max()) == 0:
+            return None
+        sides = set(self.config.mmfs_settings.spatial_shapes)
+        levels = [m for m in multiscale if m.shape[-1] in sides]
+        if len(levels) != len(sides):
+            raise ValueError(
+                f"the sniffer's maps have sides {[m.shape[-1] for m in multiscale]}; the LLM MMFS layers "
+                f"expect {sorted(sides, reverse=True)} (config.mmfs.spatial_shapes; check the image size)"
+            )
+        features = pack_image_features(levels, num_image_per_seq)
+        visibility = cross_attention_visibility(text_ids, num_image_per_seq, self.special["soi"], self.special["bos"])
+        return VisionContext(features, [(m.shape[-2], m.shape[-1]) for m in levels], visibility.to(features.dtype))
+
+    def _embed(
+        self,
+        text_ids,
+        image_tensors,
+        image_tensors_dec,
+        image_tensors_mask,
+        num_image_per_seq,
+        sniffer_loss: bool,
+        generator=None,
+    ):
+        embeds = self.llm.embed_tokens(text_ids)
+        if image_tensors is None or image_tensors.shape[0] == 0:
+            return embeds, None, None
+        if num_image_per_seq is None:
+            raise ValueError("num_image_per_seq is required with image_tensors")
+        vis = self.visual_tokenizer(
+            image_tensors, image_tensors_dec, image_tensors_mask, self.diffusion, sniffer_loss, generator
+        )
+        embeds = scatter_image_embeddings(embeds, text_ids, vis.embeds, self.special["image"])
+        embeds = add_soi_embedding(embeds, text_ids, self.soi_token, self.special["soi"])
+        return embeds, vis, self._llm_vision_context(vis.multiscale, text_ids, num_image_per_seq)
+
+    def _default_labels(self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Spec §7.4 without prompt masking (collators normally give `gt_text_ids`)."""
+        sp = self.special
+        labels = text_ids.clone()
+        drop = (text_ids == sp["image"]) | (text_ids == sp["bos"])
+        if attention_mask is not None:
+            drop |= attention_mask == 0
+        after_bos = torch.zeros_like(drop)
+        after_bos[:, 1:] = (text_ids[:, :-1] == sp["bos"]) & (text_ids[:, 1:] == sp["soi"])
+        labels[drop | after_bos] = IGNORE_INDEX
+        return labels
+
+    def _context_features(self, hidden, text_ids, nearest_bos_idxs):
+        ctx, mask, _ = image_context(hidden, text_ids, self.special["soi"], nearest_bos_idxs)
+        if ctx.shape[1] > self.config.context_seq_len:
+            raise ValueError(
+                f"an image's context has {ctx.shape[1]} tokens, more than context_seq_len={self.config.context_seq_len}"
+            )
+        pos = sincos_1d(ctx.shape[1], ctx.shape[-1], device=ctx.device, dtype=ctx.dtype)
+        return self.context_feat_proj(ctx) + pos[None], mask
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        text_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_tensors: torch.Tensor | None = None,
+        image_tensors_dec: torch.Tensor | None = None,
+        image_tensors_mask: torch.Tensor | None = None,
+        num_image_per_seq: torch.Tensor | None = None,
+        gt_text_ids: torch.Tensor | None = None,
+        nearest_bos_idxs: torch.Tensor | None = None,
+        loss_txt_weight: float | torch.Tensor | None = None,
+        loss_img_weight: float | torch.Tensor | None = None,
+        image_loss_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **_: object,
+    ) -> DeemOutput:
+        """Losses of one batch in the collators' format (spec/model.md §1)."""
+        cfg = self.config
+        w_txt = cfg.loss_txt_weight if loss_txt_weight is None else float(loss_txt_weight)
+        w_img = cfg.loss_img_weight if loss_img_weight is None else float(loss_img_weight)
+        want_sniffer = self.training and self.diffusion is not None and cfg.loss_sniffer_weight > 0
+        embeds, vis, context = self._embed(
+            text_ids, image_tensors, image_tensors_dec, image_tensors_mask, num_image_per_seq, want_sniffer, generator
+        )
+        with self.llm.vision_context(context):
+            hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = self.text_head(hidden)
+        labels = gt_text_ids if gt_text_ids is not None else self._default_labels(text_ids, attention_mask)
+        loss_txt = text_loss(logits, labels)
+        total = w_txt * loss_txt
+        loss_sniffer = vis.loss_sniffer if vis is not None else None
+        if loss_sniffer is not None:
+            total = total + cfg.loss_sniffer_weight * loss_sniffer
+        loss_img = None
+        if self.image_decoder is not None and w_img != 0 and vis is not None:
+            loss_img = self._image_loss(
+                hidden, text_ids, vis.multiscale, image_tensors_dec, nearest_bos_idxs, image_loss_mask, generator
+            )
+            total = total + w_img * loss_img
+        return DeemOutput(total, loss_txt, loss_img, loss_sniffer, logits)
+
+    def _image_loss(self, hidden, text_ids, multiscale, images_dec, nearest_bos_idxs, image_loss_mask, generator):
+        if images_dec is None:
+            raise ValueError("the image-generation loss needs image_tensors_dec (the diffusion view)")
+        context, mask = self._context_features(hidden, text_ids, nearest_bos_idxs)
+        cond = self.image_decoder(context, mask)
+        if self.training and self.config.uncond_prob > 0:
+            drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < self.config.uncond_prob
+            cond = torch.where(drop[:, None, None], self.image_decoder.neg_prompt_embeds.to(cond.dtype), cond)
+        prev, prev_mask = previous_image_features(multiscale, text_ids, self.special["soi"], nearest_bos_idxs)
+        per_pixel = self.diffusion.loss(
+            images_dec, cond, pack_mmfs_features(prev), prev_mask, mode="decoder", generator=generator
+        )
+        sample_mask = (mask.sum(1) > 2).float()  # more context than <s><soi>
+        if image_loss_mask is not None:
+            sample_mask = sample_mask * image_loss_mask.float().to(sample_mask.device)
+        return image_generation_loss(per_pixel, sample_mask)
+
+    # ------------------------------------------------------------------ generation
+    def _causal_lm(self) -> LlamaForCausalLM:
+        """A transformers causal LM over our LLM and text head, for `generate` (built once, not registered as
+        a sub-module, so parameters are not listed twice)."""
+        lm = self.__dict__.get("_generation_lm")
+        if lm is None:
+            stem = copy.deepcopy(self.llm.config)
+            stem.num_hidden_layers = 0
+            stem.vocab_size = 1
+            lm = LlamaForCausalLM(stem)
+            lm.model = self.llm
+            lm.lm_head = self.text_head
+            lm.config = self.llm.config
+            lm.eval()
+            self.__dict__["_generation_lm"] = lm
+        return lm
+
+    @torch.no_grad()
+    def generate_texts(
+        self,
+        text_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_tensors: torch.Tensor | None = None,
+        num_image_per_seq: torch.Tensor | None = None,
+        image_tensors_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 8,
+        num_beams: int = 5,
+        length_penalty: float = 1.0,
+        do_sample: bool = False,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        num_return_sequences: int = 1,
+        **_: object,
+    ) -> torch.Tensor:
+        """Continue left-padded prompts (spec/model.md §11.1): beam search (num_beams > 1) or greedy/sampling;
+        stops on `</s>` or `<soi>`. Returns only the generated ids [B * num_return_sequences, T] (pad after the end)."""
+        sp = self.special
+        embeds, _, context = self._embed(text_ids, image_tensors, None, image_tensors_mask, num_image_per_seq, False)
+        expand = num_beams if num_beams > 1 else num_return_sequences
+        if context is not None:
+            context = context.repeat_interleave(expand)
+        gen = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            do_sample=do_sample,
+            top_p=top_p if do_sample else None,
+            temperature=temperature if do_sample else None,
+            repetition_penalty=repetition_penalty,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=[sp["eos"], sp["soi"]],
+            pad_token_id=sp["pad"],
+            bos_token_id=sp["bos"],
+            use_cache=True,
+        )
+        lm = self._causal_lm()
+        with self.llm.vision_context(context):
+            out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=gen)
+        return out
+
+    @torch.no_grad()
+    def generate_scores(
+        self,
+        context_ids: list[list[int]],
+        options_ids: list[list[list[int]]],
+        image_tensors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-likelihood (sum over the option's tokens, no length normalisation) of every option after its
+        context (spec/model.md §11.2). context_ids[i]: unpadded ids of sample i (its image tokens included when
+        image_tensors has one image per sample); options_ids[i][k]: option k. Returns [num_samples, max_options]
+        (-inf where sample i has fewer options)."""
+        sp = self.special
+        device = self.soi_token.device
+        n_opt = max(len(o) for o in options_ids)
+        scores = torch.full((len(context_ids), n_opt), float("-inf"), device=device)
+        for i, (ctx, options) in enumerate(zip(context_ids, options_ids)):
+            seqs = [list(ctx) + list(opt) for opt in options]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), sp["pad"], dtype=torch.long, device=device)
+            att = torch.zeros_like(ids)
+            for k, s in enumerate(seqs):
+                ids[k, : len(s)] = torch.tensor(s, device=device)
+                att[k, : len(s)] = 1
+            images = None
+            per_seq = None
+            if image_tensors is not None:
+                images = image_tensors[i : i + 1].expand(len(seqs), *image_tensors.shape[1:])
+                per_seq = torch.ones(len(seqs), dtype=torch.long, device=device)
+            embeds, _, context = self._embed(ids, images, None, None, per_seq, False)
+            with self.llm.vision_context(context):
+                hidden = self.llm(inputs_embeds=embeds, attention_mask=att).last_hidden_state
+            logp = self.text_head(hidden).float().log_softmax(-1)
+            for k, opt in enumerate(options):
+                start = len(ctx)
+                pos = torch.arange(start - 1, start - 1 + len(opt), device=device)
+                tok = torch.tensor(opt, device=device)
+                scores[i, k] = logp[k, pos, tok].sum()
+        return scores
+
+    @torch.no_grad()
+    def generate_images(
+        self,
+        text_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_tensors: torch.Tensor,
+        num_image_per_seq: torch.Tensor,
+        target_image_idxs: list[int] | None = None,
+        nearest_bos_idxs: torch.Tensor | None = None,
+        num_inference_steps: int = 250,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate the images whose placeholders (a `<soi>` + image tokens, with any image tensor in
+        `image_tensors`) appear in the prompt, conditioned on the text before each (spec/model.md §9.4).
+        Returns [n_targets, 3, H, W] in [0, 1]."""
+        if self.image_decoder is None:
+            raise ValueError("this model has no image decoder (config.image_decoder_resampler is None)")
+        embeds, vis, context = self._embed(text_ids, image_tensors, None, None, num_image_per_seq, False)
+        with self.llm.vision_context(context):
+            hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        ctx, mask = self._context_features(hidden, text_ids, nearest_bos_idxs)
+        cond = self.image_decoder(ctx, mask)
+        prev, prev_mask = previous_image_features(vis.multiscale, text_ids, self.special["soi"], nearest_bos_idxs)
+        idx = list(range(cond.shape[0])) if target_image_idxs is None else list(target_image_idxs)
+        feats = pack_mmfs_features([p[idx] for p in prev])
+        neg = self.image_decoder.neg_prompt_embeds.expand(len(idx), -1, -1)
+        return self.diffusion.generate(
+            cond[idx],
+            neg,
+            feats,
+            prev_mask[idx],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+        )
+
+    # ------------------------------------------------------------------ test-time adaptation
+    @contextlib.contextmanager
+    def test_time_adaptation(
+        self,
+        image_tensors: torch.Tensor,
+        image_tensors_dec: torch.Tensor,
+        image_tensors_mask: torch.Tensor | None = None,
+        steps: int = 5,
+        samples: int = 5,
+        lr: float = 4e-6,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[list[float]]:
+        """Adapt the visual tokenizer to the test images by diffusion feedback, then restore it exactly
+        (spec/model.md §10.3, the intended procedure): `steps` AdamW steps on the sniffer loss with `samples`
+        timesteps per image spread over the schedule (s, s + 1000/samples, ...). Yields the losses;
+        every weight, requires_grad flag and train/eval mode is restored on exit."""
+        if self.diffusion is None:
+            raise ValueError("test-time adaptation needs the diffusion model")
+        tok = self.visual_tokenizer
+        params = [p for p in tok.parameters() if p.is_floating_point()]
+        snapshot = [p.detach().clone() for p in params]
+        flags = [p.requires_grad for p in params]
+        buffers = {n: b.detach().clone() for n, b in tok.named_buffers()}
+        was_training = tok.training
+        losses: list[float] = []
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            tok.train()
+            optimizer = torch.optim.AdamW([{"params": [p]} for p in params], lr=lr)
+            n = image_tensors.shape[0]
+            stride = self.diffusion.num_train_timesteps // samples
+            images = image_tensors.repeat_interleave(samples, 0)
+            images_dec = image_tensors_dec.repeat_interleave(samples, 0)
+            masks = None if image_tensors_mask is None else image_tensors_mask.repeat_interleave(samples, 0)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    start = int(torch.randint(0, stride, (1,), generator=generator))
+                    t = (start + stride * torch.arange(samples)).repeat(n).to(images.device)
+                    loss = self._tta_loss(images, images_dec, masks, t, generator)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+            yield losses
+        finally:
+            with torch.no_grad():
+                for p, saved, flag in zip(params, snapshot, flags):
+                    p.copy_(saved)
+                    p.grad = None
+                    p.requires_grad_(flag)
+                for name, b in tok.named_buffers():
+                    b.copy_(buffers[name])
+            tok.train(was_training)
+
+    def _tta_loss(self, images, images_dec, masks, timesteps, generator):
+        tok = self.visual_tokenizer
+        out = tok.sniffer(images)
+        tokens = tok.post_ln(tok.pos_ln(tok.pos_proj(out.tokens)) + out.token_pos)
+        queries = tok.perceiver_resampler(tokens)
+        feats = tok.diffusion_features(out.multiscale, masks)
+        ones = torch.ones(images.shape[0], 1, dtype=torch.long, device=images.device)
+        per_pixel = self.diffusion.loss(
+            images_dec, tok.proj_i(queries), feats, ones, mode="encoder", timesteps=timesteps, generator=generator
+        )
+        return self.diffusion.sniffer_loss(per_pixel, masks)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_components(
+        cls,
+        config: DeemConfig,
+        llm_path: str | Path | None = None,
+        diffusion_path: str | Path | None = None,
+        sniffer_checkpoint: str | Path | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[DeemModel, list]:
+        """Build the model from the real component checkpoints (offline, local paths): a HF LLaMA/Vicuna
+        directory, a diffusers SD 2.1 directory, an open_clip ConvNeXt checkpoint. Returns the model and the
+        load reports. The saved config then describes the architecture only (no paths)."""
+        from deem.models.diffusion import negative_prompt_embedding
+        from deem.models.loading import load_llama
+
+        cfg = DeemConfig.from_dict(config.to_dict())
+        if diffusion_path is not None:
+            if cfg.diffusion is None:
+                raise ValueError("diffusion_path given but the config has no diffusion model")
+            cfg.diffusion = {
+                **cfg.diffusion,
+                "pretrained_path": str(diffusion_path),
+                "unet_config": None,
+                "vae_config": None,
+                "scheduler_config": None,
+            }
+        model = cls(cfg)
+        reports = []
+        if llm_path is not None:
+            reports.append(load_llama(model, llm_path, generator))
+        if sniffer_checkpoint is not None:
+            reports.append(model.visual_tokenizer.sniffer.load_open_clip(sniffer_checkpoint))
+        has_text_encoder = diffusion_path is not None and (Path(diffusion_path) / "text_encoder").is_dir()
+        if has_text_encoder and model.image_decoder is not None:
+            neg_param = model.image_decoder.neg_prompt_embeds
+            with torch.no_grad():
+                neg_param.copy_(negative_prompt_embedding(diffusion_path)[:, : neg_param.shape[1]])
+        model.config = architecture_only(cfg, model)
+        return model, reports
+
+    def load_original_checkpoint(self, path: str | Path):
+        """Weights of an original DEEM / MM-Interleaved `pytorch_model.bin` (see loading.ORIGINAL_KEY_MAP)."""
+        from deem.models.loading import load_original_checkpoint
+
+        return load_original_checkpoint(self, path)
+
+    # ------------------------------------------------------------------ reporting
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """Total and trainable parameters per top-level component."""
+        out = {}
+        for name, module in self.named_children():
+            params = list(module.parameters())
+            out[name] = {
+                "total": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+            }
+        out["soi_token"] = {
+            "total": self.soi_token.numel(),
+            "trainable": int(self.soi_token.requires_grad) * self.soi_token.numel(),
+        }
+        return out
+
+
+def architecture_only(config: DeemConfig, model: DeemModel) -> DeemConfig:
+    """The config with component paths replaced by the loaded components' architectures, so a saved model
+    is self-contained (no reference to the SD directory it was built from)."""
+    cfg = DeemConfig.from_dict(config.to_dict())
+    if model.diffusion is not None and cfg.diffusion is not None:
+        d = dict(cfg.diffusion)
+        d.update(
+            pretrained_path=None,
+            variant=None,
+            unet_config=dict(model.diffusion.unet.config),
+            vae_config=dict(model.diffusion.vae.config),
+            scheduler_config=dict(model.diffusion.scheduler.config),
+        )
+        cfg.diffusion = json_ready(d)
+    return cfg
+
+
+def json_ready(value):
+    """Config dicts from diffusers/dataclasses as plain JSON types (tuples -> lists, frozendicts -> dicts)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return json_ready(dataclasses.asdict(value))
+    if isinstance(value, Path):
+        return str(value)
+    return value

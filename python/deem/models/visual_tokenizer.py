@@ -1,0 +1,97 @@
+"""The visual tokenizer (spec/model.md §3): sniffer → position-augmented tokens → Q-Former →
+image embeddings for the LLM (`proj_t`) and conditioning for the diffusion model (`proj_i`), plus the
+DEEM "sniffer" loss: the diffusion model's denoising error when conditioned on the sniffer's view."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, pack_mmfs_features
+from deem.models.mask_pooling import MaskPooling, binary_mask_like
+from deem.models.resampler import PerceiverResampler, QFormerConfig
+from deem.models.vision import ConvNeXtSniffer, SnifferConfig
+
+
+@dataclass
+class VisualTokens:
+    embeds: torch.Tensor  # [B_I, n_tokens, llm_hidden]
+    multiscale: list[torch.Tensor]  # 4 pos-augmented maps [B_I, C, H_l, W_l] (unmasked)
+    loss_sniffer: torch.Tensor | None  # scalar, when computed
+
+
+class VisualTokenizer(nn.Module):
+    def __init__(
+        self,
+        sniffer: SnifferConfig,
+        resampler: QFormerConfig,
+        llm_hidden: int,
+        diffusion_context_dim: int | None,
+        mask_pooling: dict | None = None,
+    ) -> None:
+        super().__init__()
+        width = sniffer.out_dim
+        self.sniffer = ConvNeXtSniffer(sniffer)
+        self.pos_proj = nn.Linear(width, width)
+        self.pos_ln = nn.LayerNorm(width, eps=1e-6)
+        self.post_ln = nn.LayerNorm(width, eps=1e-6)
+        self.perceiver_resampler = PerceiverResampler(resampler)
+        self.proj_t = nn.Linear(resampler.hidden, llm_hidden)
+        self.proj_i = nn.Linear(resampler.hidden, diffusion_context_dim) if diffusion_context_dim else None
+        self.feature_extractor = MaskPooling(**mask_pooling) if mask_pooling else None
+        self.reset_head()
+
+    @torch.no_grad()
+    def reset_head(self) -> None:
+        """proj_t / proj_i ~ N(0, 1e-3²) with zero bias (spec §3, §12)."""
+        for proj in (self.proj_t, self.proj_i):
+            if proj is not None:
+                nn.init.normal_(proj.weight, std=1e-3)
+                nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        images_dec: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        diffusion: DiffusionFeedback | None = None,
+        sniffer_loss: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> VisualTokens:
+        """images [B_I, 3, R, R] in [0, 1]; images_dec [B_I, 3, 512, 512] (diffusion view); masks [B_I, 1, R, R]
+        region masks (None: whole images). With `sniffer_loss` the diffusion model scores the conditioning."""
+        out = self.sniffer(images)
+        tokens = self.pos_ln(self.pos_proj(out.tokens)) + out.token_pos
+        if masks is not None:
+            g = out.grid
+            grid_mask = binary_mask_like(tokens.new_zeros(tokens.shape[0], 1, g, g), masks)  # [B, 1, g, g]
+            patches = tokens[:, 1:] * grid_mask.flatten(2).transpose(1, 2).to(tokens.dtype)
+            tokens = torch.cat([tokens[:, :1], patches], dim=1)
+        tokens = self.post_ln(tokens)
+        if self.feature_extractor is not None:
+            region = masks if masks is not None else images.new_ones(images.shape[0], 1, *images.shape[-2:])
+            tokens = torch.cat([self.feature_extractor(out.multiscale, region).to(tokens.dtype), tokens], dim=1)
+        queries = self.perceiver_resampler(tokens)
+        loss = None
+        if sniffer_loss:
+            if diffusion is None or self.proj_i is None or images_dec is None:
+                raise ValueError("the sniffer loss needs the diffusion model, proj_i and the diffusion view images_dec")
+            feats = self.diffusion_features(out.multiscale, masks)
+            ones = torch.ones(images.shape[0], 1, device=images.device, dtype=torch.long)
+            per_pixel = diffusion.loss(
+                images_dec, self.proj_i(queries), feats, ones, mode="encoder", generator=generator
+            )
+            loss = diffusion.sniffer_loss(per_pixel, masks)
+        return VisualTokens(self.proj_t(queries), out.multiscale, loss)
+
+    @staticmethod
+    def diffusion_features(multiscale: list[torch.Tensor], masks: torch.Tensor | None) -> MMFSFeatures:
+        """The SD-side MMFS values: every level times its binarised resized region mask, one image each."""
+        levels = multiscale if masks is None else [MaskPooling.extract_region(f, masks) for f in multiscale]
+        return pack_mmfs_features([f[:, None] for f in levels])
+
+    def set_trainable(self, freeze_trunk: bool) -> None:
+        self.requires_grad_(True)
+        self.sniffer.set_trunk_frozen(freeze_trunk)
