@@ -11,7 +11,7 @@ import torch
 
 import deem._native
 from deem.models import STAGES, DeemModel, tiny, with_stage
-from deem.models.loading import CheckpointError, ORIGINAL_KEY_MAP, read_state_dict
+from deem.models.loading import ORIGINAL_KEY_MAP, CheckpointError, read_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -171,7 +171,7 @@ def test_original_checkpoint_key_map(tmp_path):
     unknown = _original_format(source)
     unknown["mystery.weight"] = torch.zeros(1)
     torch.save(unknown, tmp_path / "unknown.bin")
-    with pytest.raises(CheckpointError, match="mystery.weight"):
+    with pytest.raises(CheckpointError, match=r"mystery\.weight"):
         target.load_original_checkpoint(tmp_path / "unknown.bin")
 
 
@@ -210,7 +210,8 @@ def test_from_components_in_the_real_formats(tmp_path):
     assert torch.equal(ours["text_head.head.weight"][: cfg.base_vocab_size], llama_sd["lm_head.weight"])
     assert (ours["text_head.head.bias"][cfg.base_vocab_size:] == -100).all()
     assert torch.equal(ours["diffusion.unet.conv_in.weight"], sd.unet.state_dict()["conv_in.weight"])
-    assert torch.equal(ours["visual_tokenizer.sniffer.trunk.stem.0.weight"], sniffer_src.trunk.state_dict()["stem.0.weight"])
+    stem = "visual_tokenizer.sniffer.trunk.stem.0.weight"
+    assert torch.equal(ours[stem], sniffer_src.trunk.state_dict()["stem.0.weight"])
     assert all(r.loaded for r in reports)
     # the saved model no longer refers to the SD directory
     model.save_pretrained(tmp_path / "deem")
