@@ -292,3 +292,19 @@ def test_info_counts_match_the_spec_for_deem_7b():
     assert mega["image_decoder"] == pytest.approx(21.07 + 0.08, abs=0.01)
     assert mega["diffusion"] == pytest.approx(865.91 + 83.65 + 56.98 + 44.56 + 0.01, abs=0.03)
     assert counts["total"]["trainable"] / 1e6 == pytest.approx(494.8 - 2.13, abs=0.1)  # minus the unused head
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny()
+        cfg.llm_gradient_checkpointing = checkpointing
+        model = DeemModel(cfg)
+        wake_zero_inits(model)
+        model.train()
+        model(**make_batch(cfg), generator=torch.Generator().manual_seed(0)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name

@@ -62,6 +62,14 @@ class ImageDecoder(nn.Module):
         return self.perceiver_resampler(context, mask)
 
 
+class _GenerationLM(LlamaForCausalLM):
+    """transformers' causal-LM wrapper over our LLM and text head for `generate`; declares `vision_context`
+    so generate forwards it to the model at every step."""
+
+    def forward(self, *args, vision_context: VisionContext | None = None, **kwargs):
+        return super().forward(*args, vision_context=vision_context, **kwargs)
+
+
 class DeemPreTrainedModel(PreTrainedModel):
     config_class = DeemConfig
     base_model_prefix = "deem"
@@ -222,8 +230,7 @@ class DeemModel(DeemPreTrainedModel):
         embeds, vis, context = self._embed(
             text_ids, image_tensors, image_tensors_dec, image_tensors_mask, num_image_per_seq, want_sniffer, generator
         )
-        with self.llm.vision_context(context):
-            hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, vision_context=context).last_hidden_state
         logits = self.text_head(hidden)
         labels = gt_text_ids if gt_text_ids is not None else self._default_labels(text_ids, attention_mask)
         loss_txt = text_loss(logits, labels)
@@ -265,7 +272,7 @@ class DeemModel(DeemPreTrainedModel):
             stem = copy.deepcopy(self.llm.config)
             stem.num_hidden_layers = 0
             stem.vocab_size = 1
-            lm = LlamaForCausalLM(stem)
+            lm = _GenerationLM(stem)
             lm.model = self.llm
             lm.lm_head = self.text_head
             lm.config = self.llm.config
@@ -315,9 +322,9 @@ class DeemModel(DeemPreTrainedModel):
             use_cache=True,
         )
         lm = self._causal_lm()
-        with self.llm.vision_context(context):
-            out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=gen)
-        return out
+        return lm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, generation_config=gen, vision_context=context
+        )
 
     @torch.no_grad()
     def generate_scores(
@@ -348,8 +355,7 @@ class DeemModel(DeemPreTrainedModel):
                 images = image_tensors[i : i + 1].expand(len(seqs), *image_tensors.shape[1:])
                 per_seq = torch.ones(len(seqs), dtype=torch.long, device=device)
             embeds, _, context = self._embed(ids, images, None, None, per_seq, False)
-            with self.llm.vision_context(context):
-                hidden = self.llm(inputs_embeds=embeds, attention_mask=att).last_hidden_state
+            hidden = self.llm(inputs_embeds=embeds, attention_mask=att, vision_context=context).last_hidden_state
             logp = self.text_head(hidden).float().log_softmax(-1)
             for k, opt in enumerate(options):
                 start = len(ctx)
@@ -377,8 +383,7 @@ class DeemModel(DeemPreTrainedModel):
         if self.image_decoder is None:
             raise ValueError("this model has no image decoder (config.image_decoder_resampler is None)")
         embeds, vis, context = self._embed(text_ids, image_tensors, None, None, num_image_per_seq, False)
-        with self.llm.vision_context(context):
-            hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, vision_context=context).last_hidden_state
         ctx, mask = self._context_features(hidden, text_ids, nearest_bos_idxs)
         cond = self.image_decoder(ctx, mask)
         prev, prev_mask = previous_image_features(vis.multiscale, text_ids, self.special["soi"], nearest_bos_idxs)

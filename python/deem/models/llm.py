@@ -1,17 +1,15 @@
 """The language model: transformers' LLaMA with MMFS cross-attention after self-attention in every
 `cross_attention_frequency`-th layer (spec/model.md §6), and DEEM's text head (§7.3).
 
-Vision context reaches the cross-attention layers through a `VisionContext` that the top-level model
-sets for the duration of a forward or a `generate` call (`DeemLlamaModel.vision_context(...)`); the
-decoder layers keep transformers' calling convention, so caching, gradient checkpointing and
-`generate` work unchanged across transformers versions.
+Vision context reaches the cross-attention layers as a `vision_context=` keyword of the model's
+forward, which transformers passes through to every decoder layer (and captures for the recomputation
+of gradient checkpointing); `generate(..., vision_context=...)` forwards it at every step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +53,6 @@ class VisionContext:
         return VisionContext(
             self.features.repeat_interleave(times, 0), self.spatial_shapes, self.visibility.repeat_interleave(times, 0)
         )
-
-
-class _ContextSlot:
-    """Shared by the model and its layers; deliberately not a Module (no state, no parameters)."""
-
-    def __init__(self) -> None:
-        self.context: VisionContext | None = None
 
 
 class MMFSCrossAttention(nn.Module):
@@ -113,13 +104,20 @@ class MMFSCrossAttention(nn.Module):
 class MMFSDecoderLayer(LlamaDecoderLayer):
     """LLaMA decoder layer with an optional MMFS block between self-attention and the MLP."""
 
-    def __init__(self, config: LlamaConfig, layer_idx: int, settings: MMFSSettings, slot: _ContextSlot) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int, settings: MMFSSettings) -> None:
         super().__init__(config, layer_idx)
         use_cross = layer_idx % settings.cross_attention_frequency == 0
         self.llama_cross_attn = MMFSCrossAttention(config, settings) if use_cross else None
-        self._slot = slot
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        position_embeddings=None,
+        vision_context: VisionContext | None = None,
+        **kwargs,
+    ):
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -129,9 +127,8 @@ class MMFSDecoderLayer(LlamaDecoderLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        context = self._slot.context
-        if self.llama_cross_attn is not None and context is not None:
-            hidden_states = hidden_states + self.llama_cross_attn(hidden_states, context)
+        if self.llama_cross_attn is not None and vision_context is not None:
+            hidden_states = hidden_states + self.llama_cross_attn(hidden_states, vision_context)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + hidden_states
@@ -149,10 +146,7 @@ class DeemLlamaModel(LlamaModel):
         self.config.num_hidden_layers = layers  # the config as transformers prepared it (attention backend)
         config = self.config
         self.settings = settings
-        self._slot = _ContextSlot()
-        self.layers = nn.ModuleList(
-            [MMFSDecoderLayer(config, i, settings, self._slot) for i in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([MMFSDecoderLayer(config, i, settings) for i in range(config.num_hidden_layers)])
         self.post_init()
         self.reset_cross_attention()
 
@@ -168,15 +162,6 @@ class DeemLlamaModel(LlamaModel):
 
     def cross_attention_layers(self) -> list[MMFSCrossAttention]:
         return [layer.llama_cross_attn for layer in self.layers if layer.llama_cross_attn is not None]
-
-    @contextlib.contextmanager
-    def vision_context(self, context: VisionContext | None) -> Iterator[None]:
-        """Make `context` visible to the cross-attention layers inside the block."""
-        previous, self._slot.context = self._slot.context, context
-        try:
-            yield
-        finally:
-            self._slot.context = previous
 
 
 class TextHead(nn.Module):
