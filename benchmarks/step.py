@@ -121,7 +121,8 @@ def run(B: int, L: int, n_img: int, steps: int) -> dict:
         batch=B, seq_len=L, images_per_seq=n_img, images=B * n_img, step_ms=step_ms,
         images_per_s=B * n_img / step_ms * 1e3, tokens_per_s=B * L / step_ms * 1e3,
         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, breakdown_ms=parts,
-        losses={k: float(v.detach()) for k, v in (("txt", out.loss_txt), ("img", out.loss_img), ("sniffer", out.loss_sniffer))},
+        losses={"txt": float(out.loss_txt.detach()), "img": float(out.loss_img.detach()),
+                "sniffer": float(out.loss_sniffer.detach())},
         trainable_params=sum(p.numel() for p in params),
     )
 
