@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedModel
 
 from deem.models.config import DeemConfig
-from deem.models.diffusion import DiffusionFeedback, image_generation_loss, pack_mmfs_features
+from deem.models.diffusion import DiffusionFeedback, pack_mmfs_features
 from deem.models.llm import DeemLlamaModel, TextHead, VisionContext
 from deem.models.multimodal import (
     IGNORE_INDEX,
@@ -261,7 +261,10 @@ class DeemModel(DeemPreTrainedModel):
         sample_mask = (mask.sum(1) > 2).float()  # more context than <s><soi>
         if image_loss_mask is not None:
             sample_mask = sample_mask * image_loss_mask.float().to(sample_mask.device)
-        return image_generation_loss(per_pixel, sample_mask)
+        # Mean over the images that are trained on. The original takes the mean over all images after
+        # masking, so unconditioned images dilute the loss (spec/model.md §14, bug 6).
+        per_image = per_pixel.float().mean(dim=(1, 2, 3))
+        return (per_image * sample_mask).sum() / sample_mask.sum().clamp_min(1.0)
 
     # ------------------------------------------------------------------ generation
     def _causal_lm(self) -> LlamaForCausalLM:
