@@ -1,0 +1,11 @@
+"""DEEM evaluation: the standard metrics of every benchmark of the paper and the `deem eval` engine.
+
+Entry points: `evaluate(config, checkpoint, out_dir)`, `load_eval_config`, the metric functions in
+`deem.eval.metrics`, `build_robustvqa` (the RobustVQA test file from ImageNet-A/-R/-V2), and the CLI hooks
+`add_eval_commands` / `add_robustvqa_command` in `deem.eval.cli`.
+"""
+
+from deem.eval.benchmarks import KINDS, EvalError
+from deem.eval.engine import EvalConfig, evaluate, load_eval_config, results_table
+
+__all__ = ["KINDS", "EvalConfig", "EvalError", "evaluate", "load_eval_config", "results_table"]
