@@ -46,6 +46,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from deem import __version__
     from deem.data.cli import add_data_commands
+    from deem.train.cli import add_train_commands
 
     parser = argparse.ArgumentParser(prog="deem", description="DEEM: diffusion models as the eyes of LLMs.")
     parser.add_argument("--version", action="version", version=f"deem {__version__}")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
     add_data_commands(sub)
+    add_train_commands(sub)
     return parser
 
 

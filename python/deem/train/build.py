@@ -1,0 +1,110 @@
+"""Build the model a training config describes: preset or real components, the stage, explicit
+`init_from` weights of a previous stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deem.data.tokenizer import DeemTokenizer
+from deem.models import DeemConfig, DeemModel, deem_7b, tiny, with_stage
+from deem.models.loading import CheckpointError, read_state_dict
+
+
+def tiny_config_for(tokenizer: DeemTokenizer, image_size: int) -> DeemConfig:
+    sp = tokenizer.special
+    special = {
+        "bos": sp.bos_id,
+        "eos": sp.eos_id,
+        "pad": sp.pad_id,
+        "soi": sp.soi_id,
+        "image": sp.image_id,
+        "ref": sp.ref_id,
+        "/ref": sp.ref_end_id,
+        "box": sp.box_id,
+        "/box": sp.box_end_id,
+    }
+    return tiny(
+        vocab_size=tokenizer.vocab_size,
+        num_img_token=tokenizer.num_img_token,
+        special_tokens=special,
+        image_size=image_size,
+    )
+
+
+def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
+    if section.preset == "tiny":
+        cfg = tiny_config_for(tokenizer, section.image_size or 32)
+    elif section.preset == "deem_7b":
+        cfg = deem_7b()
+    else:
+        raise ValueError(
+            f"model.preset must be 'tiny' or 'deem_7b', got {section.preset!r} (continue from saved "
+            "weights with init_from)"
+        )
+    cfg = with_stage(cfg, section.stage, image_size=section.image_size if section.preset != "tiny" else None)
+    for key, value in section.overrides.items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"model.overrides: DeemConfig has no attribute {key!r}")
+        setattr(cfg, key, value)
+    cfg._validate()
+    if cfg.num_img_token != tokenizer.num_img_token:
+        raise ValueError(
+            f"the model takes {cfg.num_img_token} image tokens, the tokenizer writes {tokenizer.num_img_token}"
+        )
+    return cfg
+
+
+def init_from(model: DeemModel, spec) -> dict[str, Any]:
+    """Load a previous stage's exported weights: every model key must come from the checkpoint unless listed
+    in `allow_missing`; every checkpoint key must exist in the model unless listed in `drop` (prefixes)."""
+    state = read_state_dict(spec.path)
+    dropped = [k for k in state if any(k.startswith(p) for p in spec.drop)]
+    for k in dropped:
+        state.pop(k)
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    if unexpected:
+        raise CheckpointError(
+            f"init_from {spec.path}: {len(unexpected)} keys this stage's model does not have, e.g. "
+            f"{unexpected[:5]}; list their prefixes in init_from.drop to discard them"
+        )
+    missing = sorted(k for k in own if k not in state and not any(k.startswith(p) for p in spec.allow_missing))
+    if missing:
+        raise CheckpointError(
+            f"init_from {spec.path}: {len(missing)} model keys are not in the checkpoint, e.g. "
+            f"{missing[:5]}; list their prefixes in init_from.allow_missing to keep them fresh"
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointError(f"init_from {spec.path}: shape mismatch for {bad[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return {"loaded": len(state), "dropped": len(dropped), "fresh": sorted(k for k in own if k not in state)}
+
+
+def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[str, Any]]:
+    section = train_cfg.model
+    cfg = model_config(section, tokenizer)
+    if train_cfg.run.gradient_checkpointing is not None:
+        cfg.llm_gradient_checkpointing = train_cfg.run.gradient_checkpointing
+    report: dict[str, Any] = {}
+    if section.components:
+        unknown = set(section.components) - {"llm", "diffusion", "sniffer"}
+        if unknown:
+            raise ValueError(f"model.components: unknown keys {sorted(unknown)} (llm, diffusion, sniffer)")
+        model, reports = DeemModel.from_components(
+            cfg,
+            llm_path=section.components.get("llm"),
+            diffusion_path=section.components.get("diffusion"),
+            sniffer_checkpoint=section.components.get("sniffer"),
+        )
+        report["components"] = [getattr(r, "summary", lambda r=r: str(r))() for r in reports]
+    else:
+        model = DeemModel(cfg)
+    if train_cfg.init_from is not None:
+        report["init_from"] = init_from(model, train_cfg.init_from)
+    model.apply_stage()
+    return model, report

@@ -1,0 +1,211 @@
+"""Training configuration: a YAML file with `key=value` overrides (dotted keys), validated into
+`TrainConfig`. See configs/train/ and docs/train.md."""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A training config that cannot work: names the key and the problem."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(cfg)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a mapping")
+        node[keys[-1]] = value
+    return out
+
+
+def _number(hint: Any) -> type | None:
+    """float or int when the annotation is one (optionally `| None`), else None."""
+    kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    return float if float in kinds else int if int in kinds else None
+
+
+def _coerce(section: type, name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Numbers as their declared type (YAML reads `3e-4` as a string), tuples of floats included."""
+    hints = typing.get_type_hints(section)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints[key]
+        try:
+            if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+                out[key] = tuple(float(v) for v in value)
+            elif value is not None and (kind := _number(hint)) is not None:
+                out[key] = kind(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}") from err
+    return out
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # deem_7b | tiny | a saved model directory
+    stage: str = "pretrain_deem"
+    image_size: int | None = None
+    components: dict[str, str] = field(default_factory=dict)  # llm / diffusion / sniffer paths (first stage)
+    overrides: dict[str, Any] = field(default_factory=dict)  # DeemConfig attributes
+
+
+@dataclass
+class InitFrom:
+    """Explicit stage chaining: weights of a previous stage's exported model. Keys the new model does not
+    have must be listed in `drop`, keys it has but the checkpoint lacks in `allow_missing` (prefixes)."""
+
+    path: str
+    drop: list[str] = field(default_factory=list)
+    allow_missing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataSection:
+    config: str = "configs/data/synth.yaml"
+    root: str | None = None
+    dataset: str = ""  # the `name` of an entry of the data config's `train` list
+    batch_size: int = 8  # map-style datasets; streams batch themselves
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    groups: list[dict[str, Any]] = field(default_factory=list)  # [{pattern, lr, weight_decay}] first match wins
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = 0
+    max_steps: int = 100
+
+
+@dataclass
+class RunSection:
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    frozen_dtype: str | None = None  # e.g. bf16: store frozen weights in bf16 (trainable stay fp32)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool | None = None  # None: the model config's choice
+    seed: int = 32
+    max_nonfinite: int = 10
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO 1/2/3)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 100
+    keep: int = 3
+
+
+@dataclass
+class LogSection:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalSection:
+    config: str | None = None
+    every: int = 0
+    benchmarks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    run: RunSection = field(default_factory=RunSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    init_from: InitFrom | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "model": ModelSection,
+        "data": DataSection,
+        "optim": OptimSection,
+        "schedule": ScheduleSection,
+        "run": RunSection,
+        "checkpoint": CheckpointSection,
+        "log": LogSection,
+        "eval": EvalSection,
+    }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        raw = copy.deepcopy(raw)
+        known = set(cls.SECTIONS) | {"output_dir", "init_from"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown top-level keys {unknown}; expected {sorted(known)}")
+        if not raw.get("output_dir"):
+            raise ConfigError("output_dir is required")
+        kwargs: dict[str, Any] = {"output_dir": str(raw["output_dir"]), "raw": copy.deepcopy(raw)}
+        for name, section in cls.SECTIONS.items():
+            values = raw.get(name) or {}
+            fields = set(section.__dataclass_fields__)
+            bad = sorted(set(values) - fields)
+            if bad:
+                raise ConfigError(f"{name}: unknown keys {bad}; expected {sorted(fields)}")
+            kwargs[name] = section(**_coerce(section, name, values))
+        if raw.get("init_from"):
+            init = raw["init_from"]
+            kwargs["init_from"] = InitFrom(path=init) if isinstance(init, str) else InitFrom(**init)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such training config")
+        raw = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict(apply_overrides(raw, overrides or []))
+
+    def validate(self) -> None:
+        if self.run.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"run.precision must be fp32, bf16 or fp16, got {self.run.precision!r}")
+        if self.run.grad_accum < 1:
+            raise ConfigError("run.grad_accum must be >= 1")
+        if self.schedule.max_steps < 1 or self.schedule.warmup_steps < 0:
+            raise ConfigError("schedule: max_steps >= 1 and warmup_steps >= 0")
+        if not self.data.dataset:
+            raise ConfigError("data.dataset: name the entry of the data config's `train` list to train on")
+        for group in self.optim.groups:
+            if "pattern" not in group:
+                raise ConfigError(f"optim.groups entry {group} has no 'pattern'")
+        if self.checkpoint.keep < 1:
+            raise ConfigError("checkpoint.keep must be >= 1")

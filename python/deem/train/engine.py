@@ -1,0 +1,352 @@
+"""The training loop: one process per device (torchrun / the deepspeed launcher / plain python), through
+accelerate (mixed precision, DDP, DeepSpeed ZeRO 1/2/3), with deem's own atomic checkpoints, exact resume
+(weights, optimizer, schedule, RNG, data position), non-finite-loss skipping and logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from deem.train.build import build_model
+from deem.train.checkpoint import CheckpointManager, set_rng_state, write_atomic
+from deem.train.config import TrainConfig
+from deem.train.data import TrainData
+from deem.train.optim import build_optimizer, warmup_cosine
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        plugin = None
+        if cfg.run.deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            plugin = DeepSpeedPlugin(
+                hf_ds_config=cfg.run.deepspeed,
+                gradient_accumulation_steps=cfg.run.grad_accum,
+                gradient_clipping=cfg.run.max_grad_norm,
+            )
+        self.acc = Accelerator(mixed_precision=PRECISION[cfg.run.precision], deepspeed_plugin=plugin)
+        self.deepspeed = plugin is not None
+        set_seed(cfg.run.seed)
+        self.out = Path(cfg.output_dir)
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+
+        self.data = TrainData(
+            cfg.data.config,
+            cfg.data.dataset,
+            cfg.data.root,
+            cfg.data.batch_size,
+            cfg.data.num_workers,
+            cfg.data.seed,
+            self.acc.process_index,
+            self.acc.num_processes,
+        )
+        model, self.build_report = build_model(cfg, self.data.tokenizer)
+        if cfg.run.frozen_dtype:
+            self._cast_frozen(model, DTYPES[cfg.run.frozen_dtype])
+        optimizer, self.groups = build_optimizer(model, cfg)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, cfg.schedule.warmup_steps, cfg.schedule.max_steps)
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ckpt = CheckpointManager(
+            self.out / "checkpoints", cfg.checkpoint.keep, self.acc.process_index, self.acc.num_processes
+        )
+        self.step = 0
+        self.nonfinite = 0
+        self.writer = None
+        self._resume_or_start(resume)
+
+    # ---------------------------------------------------------------- setup
+    @staticmethod
+    def _cast_frozen(model, dtype: torch.dtype) -> None:
+        vae = model.diffusion.vae if model.diffusion is not None else None
+        vae_params = {id(p) for p in vae.parameters()} if vae is not None else set()
+        for p in model.parameters():
+            if not p.requires_grad and id(p) not in vae_params and p.is_floating_point():
+                p.data = p.data.to(dtype)
+
+    def _resume_or_start(self, resume: bool) -> None:
+        config_file = self.out / "train_config.yaml"
+        latest = self.ckpt.latest() if resume else None
+        if resume and latest is None:
+            self.print(f"--resume: no checkpoint under {self.ckpt.root}; starting from step 0")
+        if latest is not None:
+            saved = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
+            if saved is not None and saved != self.cfg.raw:
+                self.print("warning: the training config differs from the one the run started with")
+            self._restore(latest)
+            self.print(f"resumed from {latest} at step {self.step}")
+        elif self.acc.is_main_process:
+            if (self.out / "log.jsonl").exists() and not resume:
+                raise FileExistsError(f"{self.out} already holds a run (log.jsonl); use --resume or another output_dir")
+            write_atomic(config_file, yaml.safe_dump(self.cfg.raw, sort_keys=False))
+        if self.acc.is_main_process:
+            self._truncate_log(self.step)
+            if self.cfg.log.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+                except ImportError:
+                    self.print("tensorboard is not installed: logging to log.jsonl only")
+
+    def _restore(self, path: Path) -> None:
+        state = self.ckpt.load(path)
+        unwrapped = self.acc.unwrap_model(self.model)
+        named = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                if name not in named:
+                    raise KeyError(f"{path}: weight {name} is not a parameter of this model")
+                named[name].copy_(value.to(named[name].dtype))
+        if self.deepspeed:
+            self.model.load_checkpoint(
+                str(path / "deepspeed"),
+                tag="engine",
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        elif state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = int(state["trainer"]["step"])
+        self.nonfinite = int(state["trainer"].get("nonfinite", 0))
+
+    def _truncate_log(self, step: int) -> None:
+        """A run killed after its last checkpoint logged steps that the resumed run will redo."""
+        log = self.out / "log.jsonl"
+        if not log.exists():
+            return
+        kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_atomic(log, "".join(f"{line}\n" for line in kept))
+
+    def print(self, *args: Any) -> None:
+        if self.acc.is_main_process:
+            print(*args, flush=True)
+
+    # ---------------------------------------------------------------- saving
+    def save(self) -> Path:
+        unwrapped = self.acc.unwrap_model(self.model)
+        trainable = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+        if self.deepspeed and getattr(self.acc.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            full = self.acc.get_state_dict(self.model)
+            weights = {n: full[n] for n in trainable}
+        else:
+            params = dict(unwrapped.named_parameters())
+            weights = {n: params[n] for n in trainable}
+
+        def engine_state(tmp: Path) -> None:
+            if self.deepspeed:
+                self.model.save_checkpoint(str(tmp / "deepspeed"), tag="engine", exclude_frozen_parameters=True)
+
+        return self.ckpt.save(
+            self.step,
+            weights,
+            None if self.deepspeed else self.optimizer.state_dict(),
+            self.scheduler.state_dict(),
+            self.data.state_dict(),
+            {"nonfinite": self.nonfinite, "epoch": self.data.epoch, "time": time.time()},
+            barrier=self.acc.wait_for_everyone,
+            extra_writer=engine_state,
+        )
+
+    # ---------------------------------------------------------------- the loop
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="min")
+        return bool(flag.item() > 0)
+
+    def train_step(self, batches) -> dict[str, float]:
+        self.model.train()
+        accum = self.cfg.run.grad_accum
+        sums: dict[str, float] = defaultdict(float)
+        skipped = False
+        for micro in range(accum):
+            batch = next(batches)
+            sums["samples"] += batch["text_ids"].shape[0]
+            sums["tokens"] += float(batch["attention_mask"].sum()) if batch.get("attention_mask") is not None else 0.0
+            if batch.get("image_tensors") is not None:
+                sums["images"] += batch["image_tensors"].shape[0]
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if (last or self.deepspeed) else self.acc.no_sync(self.model)
+            with sync:
+                with self.acc.autocast():
+                    out = self.model(**batch)
+                if not self._all_finite(out.loss):
+                    skipped = True
+                    continue
+                self.acc.backward(out.loss / accum)
+            for name in ("loss", "loss_txt", "loss_img", "loss_sniffer"):
+                value = getattr(out, name)
+                if value is not None:
+                    sums[name] += float(value.detach()) / accum
+        grad_norm = None
+        if not skipped:
+            norm = self.acc.clip_grad_norm_(self.params, self.cfg.run.max_grad_norm)
+            grad_norm = float(norm) if norm is not None else None
+            if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):
+                skipped = True
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite += 1
+            if self.nonfinite > self.cfg.run.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite} steps had a non-finite loss or gradient (run.max_nonfinite="
+                    f"{self.cfg.run.max_nonfinite}); the run is diverging: lower the learning rate or use fp32/bf16"
+                )
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        sums["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
+        sums["skipped"] = float(skipped)
+        return dict(sums)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        batches = self.data.batches(self.acc.device)
+        log_every, last_log = cfg.log.every, time.time()
+        window: dict[str, float] = defaultdict(float)
+        progress = _Progress(cfg.schedule.max_steps, self.step, enabled=cfg.log.progress and self.acc.is_main_process)
+        record: dict[str, Any] = {}
+        try:
+            while self.step < cfg.schedule.max_steps:
+                stats = self.train_step(batches)
+                self.step += 1
+                for k in ("samples", "images", "tokens"):
+                    window[k] += stats.get(k, 0.0)
+                if self.step % log_every == 0 or self.step == cfg.schedule.max_steps:
+                    elapsed = max(time.time() - last_log, 1e-9)
+                    record = {
+                        "step": self.step,
+                        "epoch": self.data.epoch,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        **{k: stats[k] for k in ("loss", "loss_txt", "loss_img", "loss_sniffer") if k in stats},
+                        "grad_norm": stats["grad_norm"],
+                        "skipped": int(stats["skipped"]),
+                        "nonfinite_total": self.nonfinite,
+                        **{f"{k}_per_s": window[k] / elapsed for k in ("samples", "images", "tokens")},
+                    }
+                    self._log(record)
+                    progress.update(self.step, record)
+                    window.clear()
+                    last_log = time.time()
+                else:
+                    progress.update(self.step, None)
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.max_steps:
+                    self.save()
+        finally:
+            progress.close()
+            if self.writer is not None:
+                self.writer.close()
+        return record
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+
+
+class _Progress:
+    """A rich progress bar on a terminal, one printed line per log step elsewhere (CI logs)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, record: dict[str, Any] | None) -> None:
+        if not self.enabled:
+            return
+        info = ""
+        if record is not None:
+            parts = [
+                f"{k.replace('loss_', '')} {record[k]:.4f}"
+                for k in ("loss", "loss_txt", "loss_img", "loss_sniffer")
+                if k in record
+            ]
+            info = (
+                " ".join(parts) + f" lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s "
+                f"{record['tokens_per_s']:.0f} tok/s"
+            )
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+        elif record is not None:
+            print(f"step {step}: {info}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def export_weights(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None) -> Path:
+    """A full `DeemModel.from_pretrained` directory from a run: the model rebuilt as the run built it, with
+    the checkpoint's trained weights."""
+    from safetensors.torch import load_file
+
+    from deem.data import load_tokenizer
+    from deem.data.cli import load_data_config
+
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / "train_config.yaml").read_text()))
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep=1)
+    path = run_dir / "checkpoints" / checkpoint if checkpoint else ckpt.latest()
+    if path is None or not (path / "weights.safetensors").exists():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+    tokenizer = load_tokenizer(load_data_config(cfg.data.config, cfg.data.root)["tokenizer"])
+    model, _ = build_model(cfg, tokenizer)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(path / "weights.safetensors")).items():
+            named[name].copy_(value.to(named[name].dtype))
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.hf.save_pretrained(tmp / "tokenizer")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
