@@ -302,6 +302,8 @@ def _run_batch(model: Any, tok: DeemTokenizer, batch: dict[str, Any], gen: dict[
         scores = model.generate_scores(contexts, options, batch["image_tensors"]).float().cpu()
         return [[float(s) if math.isfinite(float(s)) else -1e30 for s in row[: len(opts)]]
                 for row, opts in zip(scores, options)]
+    if gen.get("num_beams", 5) == 1:  # no beams: a length penalty has no effect (and transformers warns)
+        gen = {k: v for k, v in gen.items() if k != "length_penalty"}
     out = model.generate_texts(batch["text_ids"], batch["attention_mask"], batch["image_tensors"],
                                batch["num_image_per_seq"], batch.get("image_tensors_mask"), **gen)
     if out.shape[0] != n:
