@@ -357,17 +357,21 @@ def _prepare(bench: BenchmarkConfig, tok: DeemTokenizer | None, ranks: _Ranks, b
     except DataError as exc:
         raise EvalError(f"{bench.name}: {exc}") from exc
     ids = record_ids(ds, bench.name)
-    ctx = Context(bench.name, bench.postprocess)
-    if bench.kind.name == "visdial":
-        ctx.visdial_gt_index = visdial_gt_indices(bench.dataset["dialogs"])
-    prep = _Prepared(bench, ds, ids, ctx, {})
+    prep = _Prepared(bench, ds, ids, Context(bench.name, bench.postprocess), {})
     if tok is not None:
-        prep.collator = build_collator(bench.dataset, tok)
+        try:
+            prep.collator = build_collator(bench.dataset, tok)
+        except DataError as exc:
+            raise EvalError(f"{bench.name}: {exc}") from exc
         mode = getattr(prep.collator, "collate_mode", None)
         if mode not in bench.kind.modes:
             raise EvalError(f"{bench.name}: collator mode {mode!r} does not produce {bench.kind.name} predictions "
                             f"(expected {bench.kind.modes}); check `dataset.collator` / `metric`")
         prep.generation = _generation_kwargs(bench, prep.collator)
+    if bench.kind.name == "visdial":
+        if "dialogs" not in bench.dataset:
+            raise EvalError(f"{bench.name}: VisDial metrics need the dataset's `dialogs` file")
+        prep.ctx.visdial_gt_index = visdial_gt_indices(bench.dataset["dialogs"])
     prep.fingerprint = {**base_fp, "benchmark": bench.name, "kind": bench.kind.name, "dataset": bench.dataset,
                         "generation": prep.generation, "postprocess": bench.postprocess}
     return prep
