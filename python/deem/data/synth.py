@@ -159,7 +159,14 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str
          else f"Which shape is {s.where}?", s.kind, "other"),
         ("How many shapes are there?", str(len(scene.shapes)), "number"),
     ]
-    kind, colour = SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    # balanced yes/no: half of the questions name a shape that is in the scene
+    if rng.random() < 0.5:
+        shown = scene.shapes[int(rng.integers(len(scene.shapes)))]
+        kind, colour = shown.kind, shown.colour
+    else:
+        absent = [(k, c) for k in SHAPES for c in COLOURS
+                  if not any(x.kind == k and x.colour == c for x in scene.shapes)]
+        kind, colour = absent[int(rng.integers(len(absent)))]
     present = any(x.kind == kind and x.colour == colour for x in scene.shapes)
     qa.append((f"Is there a {colour} {kind}?", "yes" if present else "no", "yes/no"))
     if len(scene.shapes) > 1:
