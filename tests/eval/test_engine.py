@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from deem.eval import EvalError, evaluate, load_eval_config
 from deem.eval.io import PartWriter, part_files, read_parts
@@ -167,7 +168,7 @@ def test_changed_settings_are_refused_unless_overwrite(world, checkpoint, tmp_pa
     out = tmp_path / "fp"
     evaluate(cfg, checkpoint, out)
     cfg["benchmarks"][0]["generation"] = {**cfg["benchmarks"][0]["generation"], "max_new_tokens": 5}
-    with pytest.raises(EvalError, match="another run.*generation"):
+    with pytest.raises(EvalError, match=r"another run.*generation"):
         evaluate(cfg, checkpoint, out)
     counter = Counter()
     evaluate(cfg, checkpoint, out, overwrite=True, progress=counter)
@@ -197,7 +198,7 @@ def test_config_errors_name_the_problem(world, checkpoint, tmp_path):
         load_eval_config({**cfg, "batchsize": 3})
     bad = eval_config(world, ["gqa"])
     bad["benchmarks"][0]["generation"] = {"beams": 2}
-    with pytest.raises(EvalError, match="'gqa'.*unknown generation setting 'beams'"):
+    with pytest.raises(EvalError, match=r"'gqa'.*unknown generation setting 'beams'"):
         load_eval_config(bad)
     with pytest.raises(EvalError, match="no benchmark"):
         evaluate(cfg, checkpoint, tmp_path / "x", benchmarks=["nope"])
@@ -227,3 +228,54 @@ def test_shipped_configs_parse():
     assert gen["vqav2"] == {"num_beams": 3, "max_new_tokens": 10, "min_new_tokens": 0, "length_penalty": 0.0}
     cap = {b.name: b.generation for b in load_eval_config(root / "caption.yaml").benchmarks}
     assert cap["coco_caption"]["num_beams"] == 5 and cap["coco_caption"]["max_new_tokens"] == 20
+
+
+class OracleModel(torch.nn.Module):
+    """Stands in for DeemModel: answers the queued ground truths in dataset order (one rank runs samples in
+    order), so every metric's wiring must give its best score."""
+
+    def __init__(self, checkpoint: Path, tok, answers: list[str]):
+        super().__init__()
+        from deem.models import DeemConfig
+
+        self.config = DeemConfig.from_pretrained(str(checkpoint))
+        self.tok, self.answers = tok, list(answers)
+
+    def generate_texts(self, text_ids, attention_mask, image_tensors, num_image_per_seq, image_tensors_mask=None,
+                       **gen):
+        rows = [self.tok.encode(self.answers.pop(0), add_bos=False) for _ in range(text_ids.shape[0])]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [self.tok.special.pad_id] * (width - len(r)) for r in rows])
+
+
+def test_oracle_answers_score_the_maximum(world, checkpoint, tmp_path):
+    from deem.data import load_tokenizer
+
+    tok = load_tokenizer({"type": "hf", "path": str(world / "tokenizer"), "num_img_token": 4})
+    anns = json.loads((world / "vqav2/v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    pope = [json.loads(line)["label"] for line in (world / "pope/coco_pope_random.json").read_text().splitlines()]
+    boxes = [r["bbox"] for r in json.loads((world / "refcoco/refcoco_val.json").read_text())]
+    karpathy = json.loads((world / "coco/annotations/coco_karpathy_test.json").read_text())
+
+    def box_text(b):  # 48-px images; the 0-999 grid of the spec's box format
+        x, y, w, h = b
+        return "".join(f"({round(u / 48 * 999):03d},{round(v / 48 * 999):03d})" for u, v in ((x, y), (x + w, y + h)))
+
+    answers = {"vqav2": [a["multiple_choice_answer"] for a in anns], "pope_random": [f"{p}." for p in pope],
+               "mmvp": ["(a)", "b", "a", "(b) No"], "gqa": ["yes"] * 4,
+               "refcoco_val": [box_text(b) for b in boxes], "coco_caption": [k["caption"][1] for k in karpathy]}
+    names = list(answers)
+    model = OracleModel(checkpoint, tok, [a for n in names for a in answers[n]])
+    cfg = eval_config(world, names, batch_size=4)
+    cfg["benchmarks"].sort(key=lambda b: names.index(b["name"]))
+    scored = evaluate(cfg, model, tmp_path / "oracle", tokenizer=tok)
+    assert not model.answers  # every answer consumed, in order
+    assert scored["vqav2"]["accuracy"] == pytest.approx(100.0)
+    assert scored["pope_random"]["accuracy"] == scored["pope_random"]["f1"] == pytest.approx(100.0)
+    assert scored["pope_random"]["yes_ratio"] == pytest.approx(50.0)
+    assert scored["mmvp"]["accuracy"] == scored["mmvp"]["pair_accuracy"] == pytest.approx(100.0)
+    assert scored["gqa"]["accuracy"] == pytest.approx(100.0)
+    assert scored["refcoco_val"]["accuracy"] == pytest.approx(100.0)
+    assert scored["refcoco_val"]["mean_iou"] > 90.0
+    assert scored["coco_caption"]["BLEU_4"] == pytest.approx(100.0, abs=1e-6)  # equals one of the references
+    assert model.training  # an in-memory model gets its mode back

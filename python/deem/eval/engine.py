@@ -564,32 +564,40 @@ def evaluate(config: str | Path | dict[str, Any] | EvalConfig, checkpoint: str |
             shutil.rmtree(out / b.name, ignore_errors=True)
     ranks.barrier()
 
-    tok: DeemTokenizer | None = None
-    model = None
-    dt = _dtype(dtype or cfg.dtype, dev)
-    if not score_only:
-        if isinstance(tokenizer, DeemTokenizer):
-            tok = tokenizer
-        else:
-            tok_cfg = tokenizer if tokenizer is not None else cfg.tokenizer
-            if tok_cfg is None:
-                raise EvalError(f"{cfg.source}: no tokenizer configured (set `tokenizer:` or pass --tokenizer)")
-            try:
-                tok = load_tokenizer(tok_cfg)
-            except DataError as exc:
-                raise EvalError(f"tokenizer: {exc}") from exc
-        model = _load_model(checkpoint, dev, dt)
-        _check_compatible(model, tok, selected)
-    base_fp = {**_checkpoint_fingerprint(checkpoint), "dtype": str(dt).replace("torch.", ""),
-               "tokenizer": None if tok is None else tok.special.as_dict()}
-
     was_training = isinstance(checkpoint, torch.nn.Module) and checkpoint.training
     try:
-        scored = _run_all(cfg, selected, checkpoint, model, tok, dev, ranks, out, base_fp, score_only, progress)
+        tok, model, dev, dt = _load(cfg, selected, checkpoint, tokenizer, dev, dtype, score_only)
+        base_fp = {**_checkpoint_fingerprint(checkpoint), "dtype": str(dt).replace("torch.", ""),
+                   "tokenizer": None if tok is None else tok.special.as_dict()}
+        return _run_all(cfg, selected, checkpoint, model, tok, dev, ranks, out, base_fp, score_only, progress)
     finally:
         if was_training:
             checkpoint.train()
-    return scored
+
+
+def _load(cfg: EvalConfig, selected: Sequence[BenchmarkConfig], checkpoint: Any, tokenizer: Any, dev: torch.device,
+          dtype: str | None, score_only: bool) -> tuple[DeemTokenizer | None, Any, torch.device, torch.dtype]:
+    """Tokenizer and model (none of them with `score_only`); an in-memory model keeps its device and dtype."""
+    dt = _dtype(dtype or cfg.dtype, dev)
+    if score_only:
+        return None, None, dev, dt
+    if isinstance(tokenizer, DeemTokenizer):
+        tok = tokenizer
+    else:
+        tok_cfg = tokenizer if tokenizer is not None else cfg.tokenizer
+        if tok_cfg is None:
+            raise EvalError(f"{cfg.source}: no tokenizer configured (set `tokenizer:` or pass --tokenizer)")
+        try:
+            tok = load_tokenizer(tok_cfg)
+        except DataError as exc:
+            raise EvalError(f"tokenizer: {exc}") from exc
+    if isinstance(checkpoint, torch.nn.Module):
+        tensor = next(iter(checkpoint.parameters()), None)
+        if tensor is not None:
+            dev, dt = tensor.device, tensor.dtype
+    model = _load_model(checkpoint, dev, dt)
+    _check_compatible(model, tok, selected)
+    return tok, model, dev, dt
 
 
 def _run_all(cfg: EvalConfig, selected: Sequence[BenchmarkConfig], checkpoint: Any, model: Any,

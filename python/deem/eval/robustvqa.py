@@ -59,8 +59,8 @@ class ClipScorer:
         self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
         ip = getattr(self.processor, "image_processor", None)
-        crop = getattr(ip, "crop_size", None) or {}
-        self.resolution = crop.get("height") if isinstance(crop, dict) else None
+        crop = getattr(ip, "crop_size", None)  # a dict (transformers 4) or a SizeDict (transformers 5)
+        self.resolution = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
         self.name = str(path.resolve())
         feats = []
         with torch.no_grad():
