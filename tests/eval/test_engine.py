@@ -279,3 +279,41 @@ def test_oracle_answers_score_the_maximum(world, checkpoint, tmp_path):
     assert scored["refcoco_val"]["mean_iou"] > 90.0
     assert scored["coco_caption"]["BLEU_4"] == pytest.approx(100.0, abs=1e-6)  # equals one of the references
     assert model.training  # an in-memory model gets its mode back
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gather_through_the_process_group(world, checkpoint, tmp_path, full_run):
+    """Two processes under torchrun (gloo on CPU): ranks exchange their records with all_gather_object; rank 0
+    merges and scores. The output matches the single-process run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    names = ["vqav2", "visdial"]
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(eval_config(world, names)))
+    out = tmp_path / "dist"
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys\n"
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from deem.eval import evaluate\n"
+        f"scored = evaluate(json.load(open({str(cfg_path)!r})), {str(checkpoint)!r}, {str(out)!r})\n"
+        "import torch.distributed as dist\n"
+        "print('RESULT', dist.get_rank(), dist.get_world_size(), sorted(scored))\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "python"), str(repo),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "RESULT 0 2 ['visdial', 'vqav2']" in proc.stdout and "RESULT 1 2 []" in proc.stdout, proc.stdout
+    for name in names:
+        assert _predictions(out, name) == _predictions(full_run[0], name)
+        assert json.loads((out / name / "metrics.json").read_text())["num_missing"] == 0

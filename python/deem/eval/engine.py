@@ -390,12 +390,12 @@ def _check_fingerprint(bdir: Path, fp: dict[str, Any], bench: str) -> None:
 
 
 def _done_ids(bdir: Path) -> set[str]:
-    done: set[str] = set()
+    # parts first: a part is deleted only after rank 0 merged it into predictions.json
+    records, _, _ = read_parts(bdir / "parts")
+    done = {str(r["id"]) for r in records}
     merged = bdir / "predictions.json"
     if merged.is_file():
         done.update(str(r["id"]) for r in read_json(merged))
-    records, _, _ = read_parts(bdir / "parts")
-    done.update(str(r["id"]) for r in records)
     return done
 
 
@@ -404,10 +404,11 @@ def _infer(prep: _Prepared, model: Any, tok: DeemTokenizer, device: torch.device
     """Run this rank's remaining samples; returns the records produced (already flushed to part files)."""
     bench = prep.bench
     done = _done_ids(bdir)
-    mine = [i for i in EvalShardSampler(len(prep.dataset), ranks.rank, ranks.world_size) if prep.ids[i] not in done]
+    shard = list(EvalShardSampler(len(prep.dataset), ranks.rank, ranks.world_size))
+    mine = [i for i in shard if prep.ids[i] not in done]
     total = len(mine)
-    log.info("%s: rank %d/%d has %d samples to run (%d done before)", bench.name, ranks.rank, ranks.world_size,
-             total, len(done))
+    log.info("%s: rank %d/%d has %d samples to run (%d of its %d done before)", bench.name, ranks.rank,
+             ranks.world_size, total, len(shard) - total, len(shard))
     if not mine:
         return []
     loader = torch.utils.data.DataLoader(

@@ -89,9 +89,13 @@ def part_files(parts_dir: Path) -> list[Path]:
 
 def read_parts(parts_dir: Path) -> tuple[list[dict[str, Any]], list[str], list[Path]]:
     """All records and failed ids of the parts under `parts_dir`, and the files read."""
-    records, failed, files = [], [], part_files(parts_dir)
-    for p in files:
-        data = read_json(p)
+    records, failed, files = [], [], []
+    for p in part_files(parts_dir):
+        try:
+            data = read_json(p)
+        except FileNotFoundError:  # merged and removed by rank 0 meanwhile (its records are in predictions.json)
+            continue
+        files.append(p)
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
             raise EvalError(f"{p} is not a prediction part file")
         records.extend(data["records"])
