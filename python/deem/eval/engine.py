@@ -236,6 +236,8 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _checkpoint_fingerprint(checkpoint: Any) -> dict[str, Any]:
+    if checkpoint is None:
+        return {"checkpoint": None}
     if not isinstance(checkpoint, (str, Path)):
         return {"checkpoint": "in-memory model"}
     path = Path(checkpoint).resolve()
@@ -411,6 +413,8 @@ def _infer(prep: _Prepared, model: Any, tok: DeemTokenizer, device: torch.device
              ranks.world_size, total, len(shard) - total, len(shard))
     if not mine:
         return []
+    if bench.num_workers > 0:  # collators tokenise in forked workers
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = torch.utils.data.DataLoader(
         _Indexed(prep.dataset, mine), batch_size=bench.batch_size, shuffle=False, num_workers=bench.num_workers,
         collate_fn=_Collate(prep.collator), pin_memory=device.type == "cuda")
@@ -479,7 +483,10 @@ def _finalize(prep: _Prepared, bdir: Path, gathered: Sequence[dict[str, Any]]) -
     if missing:
         log.warning("%s: %d of %d samples have no prediction (e.g. %s)%s", bench.name, len(missing), len(prep.ids),
                     missing[:3], f"; {len(failed_now)} failed to load" if failed_now else "")
-    metrics: dict[str, Any] = dict(bench.kind.score(records, prep.ctx)) if records else {}
+    try:
+        metrics: dict[str, Any] = dict(bench.kind.score(records, prep.ctx)) if records else {}
+    except (ValueError, KeyError, RuntimeError) as exc:  # a malformed record or a failed scorer (Java)
+        raise EvalError(f"{bench.name}: scoring {merged_path} failed: {type(exc).__name__}: {exc}") from exc
     metrics.update({"num_samples": len(records), "num_expected": len(prep.ids), "num_missing": len(missing),
                     "num_failed": len(failed_now)})
     atomic_write_json(bdir / "metrics.json", metrics, indent=2)
@@ -533,7 +540,8 @@ def _write_summary(out: Path, cfg: EvalConfig, checkpoint: Any, scored: dict[str
     summary = read_json(path) if path.is_file() else {}
     benches = dict(summary.get("benchmarks", {}))
     benches.update(scored)
-    summary = {"checkpoint": _checkpoint_fingerprint(checkpoint)["checkpoint"], "config": cfg.source,
+    summary = {"checkpoint": _checkpoint_fingerprint(checkpoint)["checkpoint"] or summary.get("checkpoint"),
+               "config": cfg.source,
                "benchmarks": benches, "groups": _group_metrics(cfg.groups, benches),
                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(path, summary, indent=2)
