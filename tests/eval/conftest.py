@@ -21,7 +21,7 @@ TF = {"resolution": 32, "resolution_dec": 32, "center_crop": False, "random_flip
 SHORT = {"num_beams": 1, "max_new_tokens": 3, "min_new_tokens": 0}
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _few_threads():
     """Tiny models gain nothing from intra-op threads; one thread avoids oversubscription on small CI boxes."""
     before = torch.get_num_threads()

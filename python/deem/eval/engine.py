@@ -421,32 +421,34 @@ def _infer(prep: _Prepared, model: Any, tok: DeemTokenizer, device: torch.device
     writer = PartWriter(bdir / "parts", ranks.rank)
     produced: list[dict[str, Any]] = []
     since_flush, last_flush, seen = 0, time.monotonic(), 0
-    for indices, batch in loader:
-        seen += len(indices)
-        kept: list[dict[str, Any]] = [] if batch is None else batch["meta"]["items"]
-        for item in kept:
-            expected = prep.ids[int(item["index"])]
-            if sample_id(item) != expected:
-                raise EvalError(f"{bench.name}: item {item['index']} has id {sample_id(item)!r}, its record "
-                                f"{expected!r}: the dataset changed while running")
-        records = []
-        if kept:
-            outputs = _run_batch(model, tok, _to(batch, device), prep.generation, bench.name)
-            records = [bench.kind.record(item, out, prep.ctx) for item, out in zip(kept, outputs)]
-        kept_idx = {int(it["index"]) for it in kept}
-        failed = [prep.ids[i] for i in indices if i not in kept_idx]
-        if failed:
-            log.warning("%s: %d samples failed to load and are left for a rerun: %s", bench.name, len(failed),
-                        failed[:5])
-        writer.add(records, failed)
-        produced.extend(records)
-        since_flush += 1
-        if since_flush >= bench.save_every or time.monotonic() - last_flush >= save_interval_s:
-            writer.flush()
-            since_flush, last_flush = 0, time.monotonic()
-        if progress is not None:
-            progress(bench.name, seen, total)
-    writer.flush()
+    try:
+        for indices, batch in loader:
+            seen += len(indices)
+            kept: list[dict[str, Any]] = [] if batch is None else batch["meta"]["items"]
+            for item in kept:
+                expected = prep.ids[int(item["index"])]
+                if sample_id(item) != expected:
+                    raise EvalError(f"{bench.name}: item {item['index']} has id {sample_id(item)!r}, its record "
+                                    f"{expected!r}: the dataset changed while running")
+            records = []
+            if kept:
+                outputs = _run_batch(model, tok, _to(batch, device), prep.generation, bench.name)
+                records = [bench.kind.record(item, out, prep.ctx) for item, out in zip(kept, outputs)]
+            kept_idx = {int(it["index"]) for it in kept}
+            failed = [prep.ids[i] for i in indices if i not in kept_idx]
+            if failed:
+                log.warning("%s: %d samples failed to load and are left for a rerun: %s", bench.name, len(failed),
+                            failed[:5])
+            writer.add(records, failed)
+            produced.extend(records)
+            since_flush += 1
+            if since_flush >= bench.save_every or time.monotonic() - last_flush >= save_interval_s:
+                writer.flush()
+                since_flush, last_flush = 0, time.monotonic()
+            if progress is not None:
+                progress(bench.name, seen, total)
+    finally:  # an exception (interrupt, bad batch) keeps every completed batch
+        writer.flush()
     return produced
 
 
