@@ -7,5 +7,6 @@ Entry points: `evaluate(config, checkpoint, out_dir)`, `load_eval_config`, the m
 
 from deem.eval.benchmarks import KINDS, EvalError
 from deem.eval.engine import EvalConfig, evaluate, load_eval_config, results_table
+from deem.eval.robustvqa import build_robustvqa
 
-__all__ = ["KINDS", "EvalConfig", "EvalError", "evaluate", "load_eval_config", "results_table"]
+__all__ = ["KINDS", "EvalConfig", "EvalError", "build_robustvqa", "evaluate", "load_eval_config", "results_table"]
