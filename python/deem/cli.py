@@ -46,6 +46,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from deem import __version__
     from deem.data.cli import add_data_commands
+    from deem.eval.cli import add_eval_commands, add_robustvqa_command
     from deem.train.cli import add_train_commands
 
     parser = argparse.ArgumentParser(prog="deem", description="DEEM: diffusion models as the eyes of LLMs.")
@@ -56,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--stage", help="training stage preset (pretrain_deem, pretrain_baseline, sft_vqa, ...)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
-    add_data_commands(sub)
+    data = add_data_commands(sub)
+    add_robustvqa_command(data)
     add_train_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 

@@ -70,6 +70,7 @@ class DeemConfig(PretrainedConfig):
         freeze_llm: bool = True,
         freeze_vfm: bool = False,
         freeze_dm: bool = True,
+        freeze_text_head: bool = True,
         mask_align: bool = False,
         llm_gradient_checkpointing: bool = True,
         stage: str = "pretrain_deem",
@@ -94,6 +95,7 @@ class DeemConfig(PretrainedConfig):
         self.freeze_llm = freeze_llm
         self.freeze_vfm = freeze_vfm
         self.freeze_dm = freeze_dm
+        self.freeze_text_head = freeze_text_head
         self.mask_align = mask_align
         self.llm_gradient_checkpointing = llm_gradient_checkpointing
         if stage not in STAGES:

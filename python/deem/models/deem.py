@@ -127,7 +127,10 @@ class DeemModel(DeemPreTrainedModel):
         self.llm.requires_grad_(not cfg.freeze_llm)
         for cross in self.llm.cross_attention_layers():
             cross.requires_grad_(True)
-        self.text_head.head_new.requires_grad_(True)  # `head` is always frozen
+        # the base rows come from the pretrained LLM's lm_head and stay frozen (a model trained from scratch, like
+        # the demo's, pre-fits them with freeze_text_head=False)
+        self.text_head.head.requires_grad_(not cfg.freeze_text_head)
+        self.text_head.head_new.requires_grad_(True)
         self.visual_tokenizer.set_trainable(freeze_trunk=cfg.freeze_vfm)
         if self.visual_tokenizer.proj_i is not None and cfg.loss_sniffer_weight == 0:
             self.visual_tokenizer.proj_i.requires_grad_(False)  # only the sniffer loss uses it
