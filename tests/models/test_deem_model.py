@@ -308,3 +308,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_generate_scores_match_a_plain_forward_and_do_not_depend_on_chunking():
+    model = make_model()
+    wake_zero_inits(model)
+    model.eval()
+    cfg = model.config
+    sp = cfg.special_tokens
+    ctx = [sp["bos"], sp["soi"], *[sp["image"]] * cfg.num_img_token, 30, 31]
+    options = [[5], [6, 7], [8, 9, 10]]
+    image = make_batch(cfg)["image_tensors"][:1]
+    one = model.generate_scores([ctx], [options], image, options_per_batch=1)
+    many = model.generate_scores([ctx], [options], image, options_per_batch=16)
+    assert torch.allclose(one, many, atol=1e-5)
+    ids = torch.tensor([[*ctx, 6, 7]])
+    with torch.no_grad():
+        logp = model(ids, torch.ones_like(ids), image, num_image_per_seq=torch.tensor([1])).logits.log_softmax(-1)
+    expected = logp[0, len(ctx) - 1, 6] + logp[0, len(ctx), 7]
+    assert torch.allclose(one[0, 1], expected, atol=1e-5)

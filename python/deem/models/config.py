@@ -238,6 +238,7 @@ def tiny(
         heads=4,
         num_layers=2,
         dropout=0.0,
+        initializer_range=0.2,  # BLIP-2's 0.02 leaves the output almost independent of the image at this width
     )
     decoder_rs = dataclasses.replace(
         QFormerConfig.tiny_image_decoder(),

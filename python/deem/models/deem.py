@@ -36,7 +36,7 @@ from deem.models.multimodal import (
     text_loss,
 )
 from deem.models.resampler import PerceiverResampler, QFormerConfig
-from deem.models.visual_tokenizer import VisualTokenizer
+from deem.models.visual_tokenizer import VisualTokenizer, VisualTokens
 
 
 @dataclass
@@ -174,13 +174,16 @@ class DeemModel(DeemPreTrainedModel):
         num_image_per_seq,
         sniffer_loss: bool,
         generator=None,
+        visual: VisualTokens | None = None,
     ):
+        """Token embeddings with the images inserted, the visual tokens, and the LLM's vision context.
+        `visual` reuses visual tokens computed before (one image repeated over several sequences)."""
         embeds = self.llm.embed_tokens(text_ids)
-        if image_tensors is None or image_tensors.shape[0] == 0:
+        if visual is None and (image_tensors is None or image_tensors.shape[0] == 0):
             return embeds, None, None
         if num_image_per_seq is None:
-            raise ValueError("num_image_per_seq is required with image_tensors")
-        vis = self.visual_tokenizer(
+            raise ValueError("num_image_per_seq is required with images")
+        vis = visual or self.visual_tokenizer(
             image_tensors, image_tensors_dec, image_tensors_mask, self.diffusion, sniffer_loss, generator
         )
         embeds = scatter_image_embeddings(embeds, text_ids, vis.embeds, self.special["image"])
@@ -338,36 +341,47 @@ class DeemModel(DeemPreTrainedModel):
         context_ids: list[list[int]],
         options_ids: list[list[list[int]]],
         image_tensors: torch.Tensor | None = None,
+        options_per_batch: int = 16,
     ) -> torch.Tensor:
         """Log-likelihood (sum over the option's tokens, no length normalisation) of every option after its
         context (spec/model.md §11.2). context_ids[i]: unpadded ids of sample i (its image tokens included when
-        image_tensors has one image per sample); options_ids[i][k]: option k. Returns [num_samples, max_options]
-        (-inf where sample i has fewer options)."""
+        image_tensors has one image per sample); options_ids[i][k]: option k. The visual tokenizer runs once per
+        sample; options are scored `options_per_batch` at a time. Returns [num_samples, max_options] (-inf where
+        sample i has fewer options)."""
         sp = self.special
         device = self.soi_token.device
         n_opt = max(len(o) for o in options_ids)
         scores = torch.full((len(context_ids), n_opt), float("-inf"), device=device)
         for i, (ctx, options) in enumerate(zip(context_ids, options_ids)):
-            seqs = [list(ctx) + list(opt) for opt in options]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), sp["pad"], dtype=torch.long, device=device)
-            att = torch.zeros_like(ids)
-            for k, s in enumerate(seqs):
-                ids[k, : len(s)] = torch.tensor(s, device=device)
-                att[k, : len(s)] = 1
-            images = None
-            per_seq = None
+            visual = None
             if image_tensors is not None:
-                images = image_tensors[i : i + 1].expand(len(seqs), *image_tensors.shape[1:])
-                per_seq = torch.ones(len(seqs), dtype=torch.long, device=device)
-            embeds, _, context = self._embed(ids, images, None, None, per_seq, False)
-            hidden = self.llm(inputs_embeds=embeds, attention_mask=att, vision_context=context).last_hidden_state
-            logp = self.text_head(hidden).float().log_softmax(-1)
-            for k, opt in enumerate(options):
+                visual = self.visual_tokenizer(image_tensors[i : i + 1])
+            for first in range(0, len(options), options_per_batch):
+                chunk = options[first : first + options_per_batch]
+                seqs = [list(ctx) + list(opt) for opt in chunk]
+                width = max(len(s) for s in seqs)
+                ids = torch.full((len(seqs), width), sp["pad"], dtype=torch.long, device=device)
+                att = torch.zeros_like(ids)
+                for k, seq in enumerate(seqs):
+                    ids[k, : len(seq)] = torch.tensor(seq, device=device)
+                    att[k, : len(seq)] = 1
+                per_seq = None
+                repeated = None
+                if visual is not None:
+                    per_seq = torch.ones(len(seqs), dtype=torch.long, device=device)
+                    repeated = VisualTokens(
+                        visual.embeds.expand(len(seqs), -1, -1),
+                        [m.expand(len(seqs), -1, -1, -1) for m in visual.multiscale],
+                        None,
+                    )
+                embeds, _, context = self._embed(ids, None, None, None, per_seq, False, visual=repeated)
+                hidden = self.llm(inputs_embeds=embeds, attention_mask=att, vision_context=context).last_hidden_state
+                logp = self.text_head(hidden).float().log_softmax(-1)
                 start = len(ctx)
-                pos = torch.arange(start - 1, start - 1 + len(opt), device=device)
-                tok = torch.tensor(opt, device=device)
-                scores[i, k] = logp[k, pos, tok].sum()
+                for k, opt in enumerate(chunk):
+                    pos = torch.arange(start - 1, start - 1 + len(opt), device=device)
+                    tok = torch.tensor(opt, device=device)
+                    scores[i, first + k] = logp[k, pos, tok].sum()
         return scores
 
     @torch.no_grad()
