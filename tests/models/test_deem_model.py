@@ -324,6 +324,7 @@ def test_generate_scores_match_a_plain_forward_and_do_not_depend_on_chunking():
     assert torch.allclose(one, many, atol=1e-5)
     ids = torch.tensor([[*ctx, 6, 7]])
     with torch.no_grad():
-        logp = model(ids, torch.ones_like(ids), image, num_image_per_seq=torch.tensor([1])).logits.log_softmax(-1)
+        out = model(ids, torch.ones_like(ids), image, num_image_per_seq=torch.tensor([1]), loss_img_weight=0.0)
+        logp = out.logits.log_softmax(-1)
     expected = logp[0, len(ctx) - 1, 6] + logp[0, len(ctx), 7]
     assert torch.allclose(one[0, 1], expected, atol=1e-5)
