@@ -43,6 +43,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from deem.demo import DemoPlan, run_demo
+
+    plan = DemoPlan.quick() if args.quick else DemoPlan(seed=args.seed)
+    if args.steps_scale != 1.0:
+        plan = plan.scaled(args.steps_scale)
+    run_demo(args.out, plan)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deem import __version__
     from deem.data.cli import add_data_commands
@@ -61,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_robustvqa_command(data)
     add_train_commands(sub)
     add_eval_commands(sub)
+    demo = sub.add_parser("demo", help="the whole system on the tiny model and the synthetic world (CPU minutes)")
+    demo.add_argument("--out", default="demo_out", help="output directory (report.md, metrics.json, plots)")
+    demo.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
+    demo.add_argument("--quick", action="store_true", help="a few steps of everything (checks the pipeline)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
