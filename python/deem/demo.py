@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from deem.configs import SYNTH_DATA, SYNTH_EVAL
@@ -43,6 +44,7 @@ class DemoPlan:
 
     num_train_images: int = 1000
     num_test_images: int = 50
+    encoder_steps: int = 300
     components_steps: int = 300
     stage1_steps: int = 150
     stage2_steps: int = 300
@@ -113,6 +115,69 @@ def _run_stage(cfg, out: Path, name: str, log: list[str]) -> str:
     trainer.run()
     export = export_weights(out / "runs" / name, out / "runs" / name / "export")
     log.append(f"{name}: {cfg.schedule.max_steps} steps in {time.time() - start:.0f} s")
+    return str(export)
+
+
+def _scene_labels(world: Path) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Per training image: its file and (number of shapes, first shape's colour, first shape's kind, background),
+    parsed from its caption ("a small blue square on the left, a white star in the middle ... on a mint
+    background")."""
+    rows = json.loads((world / "coco/annotations/coco_karpathy_train.json").read_text())
+    parsed, vocab = [], [dict(), dict(), dict(), dict()]
+    for row in rows:
+        scene, background = row["caption"].rsplit(" on a ", 1)
+        shapes = scene.replace(" and ", ", ").split(", ")
+        first = shapes[0].split()
+        values = (str(len(shapes)), first[2], first[3], background.split()[0])
+        parsed.append((row["image"], [vocab[k].setdefault(v, len(vocab[k])) for k, v in enumerate(values)]))
+    sizes = [len(v) for v in vocab]
+    return [p for p, _ in parsed], torch.tensor([y for _, y in parsed]), sizes
+
+
+def _prefit_encoder(world: Path, out: Path, plan: DemoPlan, log: list[str]) -> str:
+    """The tiny sniffer stands in for a CLIP-pretrained ConvNeXt: a short supervised fit on the world's scene
+    attributes (shape count, first shape's colour and kind, background) through a temporary linear head."""
+    from PIL import Image
+
+    from deem.data import load_tokenizer
+    from deem.models import DeemModel
+    from deem.train.build import tiny_config_for
+
+    start = time.time()
+    print(f"\n== encoder pre-fit (stand-in for CLIP pre-training, {plan.encoder_steps} steps)", flush=True)
+    torch.manual_seed(plan.seed)
+    tokenizer = load_tokenizer({"type": "hf", "path": str(world / "tokenizer"), "num_img_token": 4})
+    model = DeemModel(tiny_config_for(tokenizer, 32))
+    sniffer = model.visual_tokenizer.sniffer
+    files, labels, sizes = _scene_labels(world)
+
+    def pixels(name: str) -> torch.Tensor:
+        image = Image.open(world / "coco" / name).convert("RGB").resize((32, 32), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    images = torch.stack([pixels(f) for f in files])
+    tokens = sniffer(images[:1]).tokens
+    head = torch.nn.Linear(tokens.shape[1] * tokens.shape[2], sum(sizes))
+    sniffer.requires_grad_(True)
+    optimizer = torch.optim.AdamW([*sniffer.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(plan.seed)
+    bounds = np.cumsum([0, *sizes])
+    for _ in range(plan.encoder_steps):
+        idx = torch.randint(0, len(files), (min(128, len(files)),), generator=generator)
+        logits = head(sniffer(images[idx]).tokens.flatten(1))
+        loss = sum(
+            torch.nn.functional.cross_entropy(logits[:, bounds[k] : bounds[k + 1]], labels[idx, k])
+            for k in range(len(sizes))
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    export = out / "runs" / "encoder" / "export"
+    model.save_pretrained(export)
+    tokenizer.hf.save_pretrained(export / "tokenizer")
+    log.append(
+        f"encoder pre-fit: {plan.encoder_steps} steps in {time.time() - start:.0f} s (final loss {float(loss):.2f})"
+    )
     return str(export)
 
 
