@@ -40,8 +40,14 @@ class Trainer:
         if cfg.run.deepspeed:
             from accelerate.utils import DeepSpeedPlugin
 
+            ds_config = json.loads(Path(cfg.run.deepspeed).read_text())
+            # batches are built by deem's data layer, not by a prepared DataLoader: give DeepSpeed the per-device
+            # batch explicitly (streams batch themselves; the value only feeds DeepSpeed's throughput accounting)
+            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+            ds_config.pop("train_batch_size", None)
             plugin = DeepSpeedPlugin(
-                hf_ds_config=cfg.run.deepspeed,
+                hf_ds_config=ds_config,
                 gradient_accumulation_steps=cfg.run.grad_accum,
                 gradient_clipping=cfg.run.max_grad_norm,
             )
@@ -226,6 +232,13 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.acc.num_processes > 1:  # log the mean over ranks (a loss may be missing on some ranks)
+            keys = ("loss", "loss_txt", "loss_img", "loss_sniffer")
+            local = [sums.get(k, 0.0) for k in keys] + [float(k in sums) for k in keys]
+            total = self.acc.reduce(torch.tensor(local, device=self.acc.device, dtype=torch.float64), "sum").tolist()
+            for i, k in enumerate(keys):
+                if total[len(keys) + i] > 0:
+                    sums[k] = total[i] / total[len(keys) + i]
         sums["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
         sums["skipped"] = float(skipped)
         return dict(sums)
