@@ -287,7 +287,6 @@ def test_oracle_answers_score_the_maximum(world, checkpoint, tmp_path):
 def test_torchrun_two_ranks_gather_through_the_process_group(world, checkpoint, tmp_path, full_run):
     """Two processes under torchrun (gloo on CPU): ranks exchange their records with all_gather_object; rank 0
     merges and scores. The output matches the single-process run."""
-    import os
     import socket
     import subprocess
     import sys
@@ -308,12 +307,9 @@ def test_torchrun_two_ranks_gather_through_the_process_group(world, checkpoint, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "python"), str(repo),
-                                                        os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "RESULT 0 2 ['visdial', 'vqav2']" in proc.stdout and "RESULT 1 2 []" in proc.stdout, proc.stdout
     for name in names:

@@ -197,3 +197,27 @@ def test_stage_chaining_and_export(world, tmp_path):
 
     with pytest.raises(CheckpointError, match=r"init_from\.drop"):
         Trainer(refer)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
+    """torchrun with 2 CPU processes (DDP over gloo), each taking half of the global batch, logs the same losses
+    as one process taking all of it: the data is sharded without overlap and losses/gradients are averaged."""
+    import socket
+
+    common = ["configs/train/tiny_sft_vqa.yaml", "init_from=null", f"data.root={world}", "schedule.max_steps=3",
+              "schedule.warmup_steps=1", "log.every=1", "log.progress=false", "log.tensorboard=false",
+              "checkpoint.every=3", "model.overrides.loss_sniffer_weight=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "deem", "train", *common, f"output_dir={tmp_path / 'one'}",
+                    "data.batch_size=4"], env=env, check=True, capture_output=True, cwd=REPO)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "deem", "train",
+                           *common, f"output_dir={tmp_path / 'two'}", "data.batch_size=2"],
+                          env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-5)

@@ -190,8 +190,13 @@ class DeemModel(DeemPreTrainedModel):
         embeds = add_soi_embedding(embeds, text_ids, self.soi_token, self.special["soi"])
         return embeds, vis, self._llm_vision_context(vis.multiscale, text_ids, num_image_per_seq)
 
-    def _default_labels(self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Spec §7.4 without prompt masking (collators normally give `gt_text_ids`)."""
+    def text_labels(
+        self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        gt_text_ids: torch.Tensor | None = None, **_: object
+    ) -> torch.Tensor:
+        """The labels the text loss scores: the collators' `gt_text_ids`, else spec §7.4 without prompt masking."""
+        if gt_text_ids is not None:
+            return gt_text_ids
         sp = self.special
         labels = text_ids.clone()
         drop = (text_ids == sp["image"]) | (text_ids == sp["bos"])
@@ -226,9 +231,11 @@ class DeemModel(DeemPreTrainedModel):
         loss_img_weight: float | torch.Tensor | None = None,
         image_loss_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        text_loss_denominator: float | torch.Tensor | None = None,
         **_: object,
     ) -> DeemOutput:
-        """Losses of one batch in the collators' format (spec/model.md §1)."""
+        """Losses of one batch in the collators' format (spec/model.md §1). `text_loss_denominator` replaces the
+        text loss's per-batch token mean by sum / denominator (see `text_labels`)."""
         cfg = self.config
         w_txt = cfg.loss_txt_weight if loss_txt_weight is None else float(loss_txt_weight)
         w_img = cfg.loss_img_weight if loss_img_weight is None else float(loss_img_weight)
@@ -238,8 +245,8 @@ class DeemModel(DeemPreTrainedModel):
         )
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, vision_context=context).last_hidden_state
         logits = self.text_head(hidden)
-        labels = gt_text_ids if gt_text_ids is not None else self._default_labels(text_ids, attention_mask)
-        loss_txt = text_loss(logits, labels)
+        labels = self.text_labels(text_ids, attention_mask, gt_text_ids)
+        loss_txt = text_loss(logits, labels, text_loss_denominator)
         total = w_txt * loss_txt
         loss_sniffer = vis.loss_sniffer if vis is not None else None
         if loss_sniffer is not None:

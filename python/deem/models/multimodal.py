@@ -141,14 +141,25 @@ def previous_image_features(
     return out, has_prev.long()[:, None]
 
 
-def text_loss(logits: torch.Tensor, gt_text_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in fp32: position t predicts gt_text_ids[t + 1] (-100 = ignored)."""
+def num_text_targets(gt_text_ids: torch.Tensor) -> int:
+    """How many positions `text_loss` scores (labels shifted by one, -100 ignored)."""
+    return int((gt_text_ids[:, 1:] != IGNORE_INDEX).sum())
+
+
+def text_loss(
+    logits: torch.Tensor, gt_text_ids: torch.Tensor, denominator: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy in fp32: position t predicts gt_text_ids[t + 1] (-100 = ignored). The mean over
+    this batch's targets, or their sum divided by `denominator` (a token count over several batches and ranks,
+    so that every target weighs the same however the global batch is split)."""
     targets = gt_text_ids[:, 1:]
-    if int((targets != IGNORE_INDEX).sum()) == 0:
+    if num_text_targets(gt_text_ids) == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    flat_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    if denominator is None:
+        return F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    summed = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / denominator
 
 
 def num_parameters(module: torch.nn.Module, trainable: bool | None = None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from deem.models.multimodal import num_text_targets
 from deem.train.build import build_model
 from deem.train.checkpoint import CheckpointManager, set_rng_state, write_atomic
 from deem.train.config import TrainConfig
@@ -33,12 +34,16 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.cfg = cfg
         plugin = None
         if cfg.run.deepspeed:
             from accelerate.utils import DeepSpeedPlugin
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"run.deepspeed={cfg.run.deepspeed}: DeepSpeed training needs CUDA devices and "
+                                   "none is visible; drop run.deepspeed to train on the CPU")
 
             ds_config = json.loads(Path(cfg.run.deepspeed).read_text())
             # batches are built by deem's data layer, not by a prepared DataLoader: give DeepSpeed the per-device
@@ -51,7 +56,13 @@ class Trainer:
                 gradient_accumulation_steps=cfg.run.grad_accum,
                 gradient_clipping=cfg.run.max_grad_norm,
             )
-        self.acc = Accelerator(mixed_precision=PRECISION[cfg.run.precision], deepspeed_plugin=plugin)
+        self.acc = Accelerator(
+            mixed_precision=PRECISION[cfg.run.precision],
+            deepspeed_plugin=plugin,
+            cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, gloo) need accelerate's CPU mode
+            # which losses a batch has (image generation, sniffer) varies: some trainable modules sit out a step
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
         self.deepspeed = plugin is not None
         set_seed(cfg.run.seed)
         self.out = Path(cfg.output_dir)
@@ -190,13 +201,29 @@ class Trainer:
             flag = self.acc.reduce(flag, reduction="min")
         return bool(flag.item() > 0)
 
+    def _text_loss_denominator(self, micro_batches: list[dict[str, Any]]) -> float:
+        """Every text target of the step weighs the same, however the global batch is split over ranks and
+        micro-batches: each micro-batch's loss is its target sum / (all targets of the step / (ranks x
+        micro-batches)), which the gradient averaging over ranks and the 1/micro-batches scaling turn into the
+        global token mean."""
+        unwrapped = self.acc.unwrap_model(self.model)
+        local = sum(num_text_targets(unwrapped.text_labels(**b)) for b in micro_batches)
+        total = torch.tensor([float(local)], device=self.acc.device, dtype=torch.float64)
+        if self.acc.num_processes > 1:
+            total = self.acc.reduce(total, reduction="sum")
+        return max(float(total.item()), 1.0) / (self.acc.num_processes * len(micro_batches))
+
     def train_step(self, batches) -> dict[str, float]:
         self.model.train()
         accum = self.cfg.run.grad_accum
         sums: dict[str, float] = defaultdict(float)
         skipped = False
-        for micro in range(accum):
-            batch = next(batches)
+        micro_batches = [next(batches) for _ in range(accum)]
+        denominator = self._text_loss_denominator(micro_batches)
+        # DeepSpeed's engine divides by its gradient-accumulation steps itself
+        backward_scale = 1.0 if self.deepspeed else 1.0 / accum
+        for micro, batch in enumerate(micro_batches):
+            batch["text_loss_denominator"] = denominator
             sums["samples"] += batch["text_ids"].shape[0]
             sums["tokens"] += float(batch["attention_mask"].sum()) if batch.get("attention_mask") is not None else 0.0
             if batch.get("image_tensors") is not None:
@@ -209,7 +236,7 @@ class Trainer:
                 if not self._all_finite(out.loss):
                     skipped = True
                     continue
-                self.acc.backward(out.loss / accum)
+                self.acc.backward(out.loss * backward_scale)
             for name in ("loss", "loss_txt", "loss_img", "loss_sniffer"):
                 value = getattr(out, name)
                 if value is not None:
