@@ -60,6 +60,27 @@ def test_every_real_stage_config_parses():
         assert cfg.run.deepspeed and Path(REPO / cfg.run.deepspeed).exists()
 
 
+def test_7b_architecture_reads_the_synthetic_world_with_vicuna_ids(world):
+    """configs/train/synth_7b_pretrain.yaml (run on the GPU): the LLaMA-layout tokenizer gives the deem_7b
+    preset's ids, batches come at its resolutions with 77 image tokens; the tiny tokenizer is refused."""
+    from deem.data import load_tokenizer
+    from deem.train.build import model_config
+    from deem.train.data import TrainData
+
+    cfg = TrainConfig.load(REPO / "configs/train/synth_7b_pretrain.yaml", [f"data.root={world}"])
+    data = TrainData(cfg.data.config, cfg.data.dataset, cfg.data.root, None, 0, 0, 0, 1)
+    model_cfg = model_config(cfg.model, data.tokenizer)
+    assert model_cfg.special_tokens == data.tokenizer.special.as_dict()
+    batch = next(data.batches(torch.device("cpu")))
+    assert batch["image_tensors"].shape[-2:] == (256, 256)
+    assert batch["image_tensors_dec"].shape[-2:] == (512, 512)
+    image_runs = (batch["text_ids"] == model_cfg.special_tokens["image"]).sum()
+    assert image_runs == 77 * batch["image_tensors"].shape[0]
+    tiny_tokenizer = load_tokenizer({"type": "hf", "path": str(world / "tokenizer"), "num_img_token": 77})
+    with pytest.raises(ValueError, match="special-token ids"):
+        model_config(cfg.model, tiny_tokenizer)
+
+
 def test_param_groups_first_match_and_no_decay():
     model = torch.nn.Sequential()
     model.add_module("a", torch.nn.Linear(2, 2))

@@ -380,9 +380,11 @@ def synth_world(out_dir: str | Path, seed: int = 0, image_size: int = 96, num_tr
     counts["mmc4_docs"] = n_docs
 
     if with_tokenizer:
-        from deem.data.tokenizer import build_tiny_tokenizer
+        from deem.data.tokenizer import build_llama_layout_tokenizer, build_tiny_tokenizer
 
         build_tiny_tokenizer(synth_corpus(), vocab_size=512, save_dir=out / "tokenizer")
+        # the same words with Vicuna's id layout, for the 7B architecture (configs/data/synth_7b.yaml)
+        build_llama_layout_tokenizer(synth_corpus(), save_dir=out / "tokenizer_llama")
     summary = {"seed": seed, "image_size": px, "counts": counts}
     _write_json(out / "world.json", summary)
     return summary

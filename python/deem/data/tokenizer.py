@@ -8,6 +8,7 @@ tokenizer itself. The real Vicuna tokenizer gets the DEEM ids (soi 32000, image 
 from __future__ import annotations
 
 import itertools
+import json
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -198,6 +199,36 @@ def build_tiny_tokenizer(
     if save_dir is not None:
         hf.save_pretrained(str(save_dir))
     return DeemTokenizer(hf, special_tokens_of(hf), num_img_token=num_img_token)
+
+
+def build_llama_layout_tokenizer(
+    corpus: Iterable[str], save_dir: str | Path, learned: int = 512, size: int = 32000
+) -> DeemTokenizer:
+    """A stand-in for the Vicuna tokenizer with its id layout: `<unk>` 0, `<s>` 1, `</s>` 2, a small BPE
+    vocabulary learned on `corpus`, unused filler pieces up to `size` (32000), so that `load_llama_tokenizer`
+    gives DEEM's tokens the ids 32000-32005 and pad 31999, exactly as with the real tokenizer. It lets the 7B
+    architecture train on the synthetic world. Written to `save_dir` in the HF layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=learned, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=[*string.printable.strip(), "\n", "▁"], show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    state = json.loads(tok.to_str())
+    vocab = state["model"]["vocab"]
+    if len(vocab) > size:
+        raise DataError(f"the learned vocabulary ({len(vocab)}) exceeds the layout's {size} pieces")
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), size)})
+    tok = Tokenizer.from_str(json.dumps(state))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(str(save_dir))
+    return load_llama_tokenizer(save_dir)
 
 
 def load_tokenizer(cfg: dict | str | Path) -> DeemTokenizer:

@@ -49,6 +49,13 @@ def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
             raise ValueError(f"model.overrides: DeemConfig has no attribute {key!r}")
         setattr(cfg, key, value)
     cfg._validate()
+    if cfg.special_tokens != tokenizer.special.as_dict():
+        raise ValueError(
+            f"the model's special-token ids {cfg.special_tokens} differ from the tokenizer's "
+            f"{tokenizer.special.as_dict()}: the {section.preset} preset needs a tokenizer with its id layout"
+        )
+    if tokenizer.vocab_size > cfg.text_vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {cfg.text_vocab_size}")
     if cfg.num_img_token != tokenizer.num_img_token:
         raise ValueError(
             f"the model takes {cfg.num_img_token} image tokens, the tokenizer writes {tokenizer.num_img_token}"

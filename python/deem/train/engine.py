@@ -80,7 +80,10 @@ class Trainer:
             self.acc.process_index,
             self.acc.num_processes,
         )
-        model, self.build_report = build_model(cfg, self.data.tokenizer)
+        # randomly initialised weights are drawn on the device (minutes on the CPU for the 7B model); components
+        # read from disk are loaded on the CPU and moved by prepare()
+        with torch.device("cpu" if cfg.model.components else self.acc.device):
+            model, self.build_report = build_model(cfg, self.data.tokenizer)
         if cfg.run.frozen_dtype:
             self._cast_frozen(model, DTYPES[cfg.run.frozen_dtype])
         optimizer, self.groups = build_optimizer(model, cfg)
