@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from deem.models.config import DeemConfig
 from deem.models.diffusion import DiffusionFeedback, pack_mmfs_features
@@ -40,12 +41,14 @@ from deem.models.visual_tokenizer import VisualTokenizer, VisualTokens
 
 
 @dataclass
-class DeemOutput:
+class DeemOutput(ModelOutput):
+    """A ModelOutput (a dict underneath) so that DeepSpeed ZeRO-3 finds the tensors and hooks their backward."""
+
     loss: torch.Tensor
-    loss_txt: torch.Tensor | None
-    loss_img: torch.Tensor | None
-    loss_sniffer: torch.Tensor | None
-    logits: torch.Tensor
+    loss_txt: torch.Tensor | None = None
+    loss_img: torch.Tensor | None = None
+    loss_sniffer: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 class ImageDecoder(nn.Module):

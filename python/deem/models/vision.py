@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.convnext import ConvNeXt
 from torch import nn
+from transformers.utils import ModelOutput
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -183,7 +184,7 @@ class SnifferConfig:
 
 
 @dataclass
-class SnifferOutput:
+class SnifferOutput(ModelOutput):
     """What :meth:`ConvNeXtSniffer.forward` returns.
 
     Attributes:
@@ -197,9 +198,9 @@ class SnifferOutput:
     """
 
     tokens: torch.Tensor
-    token_pos: torch.Tensor
-    multiscale: list[torch.Tensor]
-    cls: torch.Tensor
+    token_pos: torch.Tensor | None = None
+    multiscale: list[torch.Tensor] | None = None
+    cls: torch.Tensor | None = None
 
     @property
     def grid(self) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, pack_mmfs_features
 from deem.models.mask_pooling import MaskPooling, binary_mask_like
@@ -16,10 +17,10 @@ from deem.models.vision import ConvNeXtSniffer, SnifferConfig
 
 
 @dataclass
-class VisualTokens:
+class VisualTokens(ModelOutput):
     embeds: torch.Tensor  # [B_I, n_tokens, llm_hidden]
-    multiscale: list[torch.Tensor]  # 4 pos-augmented maps [B_I, C, H_l, W_l] (unmasked)
-    loss_sniffer: torch.Tensor | None  # scalar, when computed
+    multiscale: list[torch.Tensor] | None = None  # 4 pos-augmented maps [B_I, C, H_l, W_l] (unmasked)
+    loss_sniffer: torch.Tensor | None = None  # scalar, when computed
 
 
 class VisualTokenizer(nn.Module):

@@ -41,9 +41,10 @@ class Trainer:
         if cfg.run.deepspeed:
             from accelerate.utils import DeepSpeedPlugin
 
-            if not torch.cuda.is_available():
+            if not torch.cuda.is_available():  # accelerate's CPU mode drops the DeepSpeed plugin
                 raise RuntimeError(f"run.deepspeed={cfg.run.deepspeed}: DeepSpeed training needs CUDA devices and "
                                    "none is visible; drop run.deepspeed to train on the CPU")
+
 
             ds_config = json.loads(Path(cfg.run.deepspeed).read_text())
             # batches are built by deem's data layer, not by a prepared DataLoader: give DeepSpeed the per-device
@@ -138,11 +139,13 @@ class Trainer:
         state = self.ckpt.load(path)
         unwrapped = self.acc.unwrap_model(self.model)
         named = dict(unwrapped.named_parameters())
-        with torch.no_grad():
-            for name, value in state["weights"].items():
-                if name not in named:
-                    raise KeyError(f"{path}: weight {name} is not a parameter of this model")
-                named[name].copy_(value.to(named[name].dtype))
+        unknown = [name for name in state["weights"] if name not in named]
+        if unknown:
+            raise KeyError(f"{path}: weights {unknown[:5]} are not parameters of this model")
+        if not self.deepspeed:  # DeepSpeed's engine checkpoint restores them (partitioned under ZeRO-3)
+            with torch.no_grad():
+                for name, value in state["weights"].items():
+                    named[name].copy_(value.to(named[name].dtype))
         if self.deepspeed:
             self.model.load_checkpoint(
                 str(path / "deepspeed"),
@@ -176,8 +179,8 @@ class Trainer:
         unwrapped = self.acc.unwrap_model(self.model)
         trainable = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
         if self.deepspeed and getattr(self.acc.state.deepspeed_plugin, "zero_stage", 0) == 3:
-            full = self.acc.get_state_dict(self.model)
-            weights = {n: full[n] for n in trainable}
+            full = self.acc.get_state_dict(self.model)  # gathered on every rank, returned on the main one only
+            weights = {n: full[n] for n in trainable} if self.acc.is_main_process else {}
         else:
             params = dict(unwrapped.named_parameters())
             weights = {n: params[n] for n in trainable}
