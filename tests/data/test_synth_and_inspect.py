@@ -28,7 +28,7 @@ def world(tmp_path_factory):
 def _digest(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.parent.name != "tokenizer":
+        if p.is_file() and not p.parent.name.startswith("tokenizer"):
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -47,7 +47,8 @@ def test_world_is_deterministic_and_complete(world, tmp_path):
     for rel in ("laion/00000.tar", "mmc4/mmc4_annts/docs_no_face_shard_0_v3.jsonl.zip",
                 "coco/annotations/coco_karpathy_test.json", "vqav2/v2_mscoco_val2014_annotations.json",
                 "pope/coco_pope_random.json", "robustvqa/robustvqa_test.json", "refcoco/refcoco/refs(unc).json",
-                "refcoco/finetune_refcoco_train_with_mask.json", "tokenizer/tokenizer.json"):
+                "refcoco/finetune_refcoco_train_with_mask.json", "tokenizer/tokenizer.json",
+                "tokenizer_llama/tokenizer.json"):
         assert (out / rel).is_file(), rel
 
 

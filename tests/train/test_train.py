@@ -242,3 +242,25 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+
+
+def test_periodic_evaluation_matches_deem_eval_of_the_export(world, tmp_path):
+    """eval.every runs the evaluation engine on the model being trained; the last evaluation equals `deem eval`
+    of the exported final weights."""
+    from deem.eval import evaluate
+
+    cfg = TrainConfig.load(REPO / "configs/train/tiny_sft_vqa.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"data.root={world}", "init_from=null", "log.progress=false",
+        "log.tensorboard=false", "schedule.max_steps=4", "checkpoint.every=4", "eval.config=configs/eval/synth.yaml",
+        "eval.every=2", "eval.benchmarks=[vqav2_val]"])
+    Trainer(cfg).run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert (tmp_path / "run" / "eval" / "step-00000004" / "vqav2_val" / "predictions.json").exists()
+    export_weights(tmp_path / "run", tmp_path / "export")
+    scored = evaluate(REPO / "configs/eval/synth.yaml", tmp_path / "export", tmp_path / "eval",
+                      benchmarks=["vqav2_val"], root=world)
+    assert scored["vqav2_val"] == records[-1]["vqav2_val"]
+    predictions = [json.loads((d / "vqav2_val" / "predictions.json").read_text())
+                   for d in (tmp_path / "run" / "eval" / "step-00000004", tmp_path / "eval")]
+    assert predictions[0] and predictions[0] == predictions[1]

@@ -115,3 +115,31 @@ def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[st
         report["init_from"] = init_from(model, train_cfg.init_from)
     model.apply_stage()
     return model, report
+
+
+FROZEN_INIT_FILE = "frozen_init.safetensors"
+
+
+def generated_frozen(model: DeemModel, train_cfg, report: dict[str, Any]) -> list[str]:
+    """Frozen parameters whose values come from random initialisation rather than from files (a model trained
+    from scratch, or keys `init_from` left fresh): checkpoints hold trainable weights only, so the run keeps
+    these once (`FROZEN_INIT_FILE`) for resuming and exporting on any device."""
+    if train_cfg.model.components:
+        return []
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if train_cfg.init_from is None:
+        return frozen
+    fresh = set(report["init_from"]["fresh"])
+    return [n for n in frozen if n in fresh]
+
+
+def load_frozen_init(model: DeemModel, path) -> None:
+    """Copy the weights of a run's `FROZEN_INIT_FILE` into `model`."""
+    from safetensors.torch import load_file
+
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(path)).items():
+            if name not in named:
+                raise CheckpointError(f"{path}: {name} is not a parameter of this model")
+            named[name].copy_(value.to(named[name].dtype))

@@ -133,9 +133,10 @@ class LogSection:
 
 @dataclass
 class EvalSection:
-    config: str | None = None
-    every: int = 0
-    benchmarks: list[str] = field(default_factory=list)
+    config: str | None = None  # an eval config (configs/eval/*.yaml)
+    every: int = 0  # evaluate every N steps and after the last one; 0: never
+    benchmarks: list[str] = field(default_factory=list)  # names in the eval config; empty: all
+    root: str | None = None  # the eval config's data root; default: data.root
 
 
 @dataclass
@@ -209,3 +210,5 @@ class TrainConfig:
                 raise ConfigError(f"optim.groups entry {group} has no 'pattern'")
         if self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.keep must be >= 1")
+        if self.eval.every < 0 or (self.eval.every > 0 and not self.eval.config):
+            raise ConfigError("eval: `every` >= 0, and `config` (an eval config) when every > 0")

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import yaml
 
+from deem.models import DeemModel
 from deem.models.multimodal import num_text_targets
-from deem.train.build import build_model
+from deem.train.build import FROZEN_INIT_FILE, build_model, generated_frozen, load_frozen_init
 from deem.train.checkpoint import CheckpointManager, set_rng_state, write_atomic
 from deem.train.config import TrainConfig
 from deem.train.data import TrainData
@@ -87,6 +88,7 @@ class Trainer:
             model, self.build_report = build_model(cfg, self.data.tokenizer)
         if cfg.run.frozen_dtype:
             self._cast_frozen(model, DTYPES[cfg.run.frozen_dtype])
+        self._keep_generated_frozen(model)
         optimizer, self.groups = build_optimizer(model, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -109,6 +111,24 @@ class Trainer:
         for p in model.parameters():
             if not p.requires_grad and id(p) not in vae_params and p.is_floating_point():
                 p.data = p.data.to(dtype)
+
+    def _keep_generated_frozen(self, model: DeemModel) -> None:
+        """Randomly initialised frozen weights: written once by a new run, read back by a resumed one."""
+        path = self.out / FROZEN_INIT_FILE
+        existed = path.exists()
+        self.acc.wait_for_everyone()  # every rank looks before the main one writes
+        if existed:
+            load_frozen_init(model, path)
+            return
+        names = generated_frozen(model, self.cfg, self.build_report)
+        if names and self.acc.is_main_process:
+            from safetensors.torch import save_file
+
+            params = dict(model.named_parameters())
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({n: params[n].detach().contiguous().cpu() for n in names}, str(tmp))
+            tmp.replace(path)
+        self.acc.wait_for_everyone()
 
     def _resume_or_start(self, resume: bool) -> None:
         config_file = self.out / "train_config.yaml"
@@ -163,12 +183,11 @@ class Trainer:
         self.nonfinite = int(state["trainer"].get("nonfinite", 0))
 
     def _truncate_log(self, step: int) -> None:
-        """A run killed after its last checkpoint logged steps that the resumed run will redo."""
-        log = self.out / "log.jsonl"
-        if not log.exists():
-            return
-        kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        write_atomic(log, "".join(f"{line}\n" for line in kept))
+        """A run killed after its last checkpoint logged (and evaluated) steps that the resumed run will redo."""
+        for log in (self.out / "log.jsonl", self.out / "eval.jsonl"):
+            if log.exists():
+                kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                write_atomic(log, "".join(f"{line}\n" for line in kept))
 
     def print(self, *args: Any) -> None:
         if self.acc.is_main_process:
@@ -307,13 +326,43 @@ class Trainer:
                     last_log = time.time()
                 else:
                     progress.update(self.step, None)
-                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.max_steps:
+                last = self.step == cfg.schedule.max_steps
+                # before the checkpoint: a run killed mid-evaluation redoes it after resuming
+                if cfg.eval.every and (self.step % cfg.eval.every == 0 or last):
+                    self.evaluate()
+                if self.step % cfg.checkpoint.every == 0 or last:
                     self.save()
         finally:
             progress.close()
             if self.writer is not None:
                 self.writer.close()
         return record
+
+    def evaluate(self) -> dict[str, Any]:
+        """The current model on the benchmarks of `eval.config` through deem's evaluation engine (sharded over
+        the ranks); predictions under `<output_dir>/eval/step-N/`, metrics appended to `eval.jsonl` and
+        TensorBoard."""
+        from deem.eval import evaluate
+
+        cfg = self.cfg.eval
+        out = self.out / "eval" / f"step-{self.step:08d}"
+        with self.acc.autocast():
+            scored = evaluate(cfg.config, self.acc.unwrap_model(self.model), out, benchmarks=cfg.benchmarks or None,
+                              root=cfg.root or self.cfg.data.root, tokenizer=self.data.tokenizer, overwrite=True)
+        self.model.train()
+        if self.acc.is_main_process:
+            with open(self.out / "eval.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **scored}) + "\n")
+            for bench, metrics in scored.items():
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and self.writer is not None:
+                        self.writer.add_scalar(f"eval/{bench}/{k}", v, self.step)
+            summary = "; ".join(
+                f"{b} " + " ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))
+                for b, m in scored.items()
+            )
+            self.print(f"step {self.step} eval: {summary}")
+        return scored
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.acc.is_main_process:
@@ -384,6 +433,8 @@ def export_weights(run_dir: str | Path, out_dir: str | Path, checkpoint: str | N
         raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
     tokenizer = load_tokenizer(load_data_config(cfg.data.config, cfg.data.root)["tokenizer"])
     model, _ = build_model(cfg, tokenizer)
+    if (run_dir / FROZEN_INIT_FILE).exists():
+        load_frozen_init(model, run_dir / FROZEN_INIT_FILE)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in load_file(str(path / "weights.safetensors")).items():
