@@ -58,13 +58,15 @@ class DemoPlan:
     def quick(cls) -> DemoPlan:
         """A few steps of everything (CI): checks the pipeline, not the results."""
         return cls(
-            num_train_images=60, num_test_images=8, components_steps=4, stage1_steps=3, stage2_steps=4, batch_size=4
+            num_train_images=60, num_test_images=8, encoder_steps=3, components_steps=4, stage1_steps=3,
+            stage2_steps=4, batch_size=4,
         )
 
     def scaled(self, factor: float) -> DemoPlan:
         return DemoPlan(
             **{
                 **self.__dict__,
+                "encoder_steps": max(1, round(self.encoder_steps * factor)),
                 "components_steps": max(1, round(self.components_steps * factor)),
                 "stage1_steps": max(1, round(self.stage1_steps * factor)),
                 "stage2_steps": max(1, round(self.stage2_steps * factor)),
@@ -135,8 +137,10 @@ def _scene_labels(world: Path) -> tuple[list[str], torch.Tensor, list[str]]:
 
 
 def _prefit_encoder(world: Path, out: Path, plan: DemoPlan, log: list[str]) -> str:
-    """The tiny sniffer stands in for a CLIP-pretrained ConvNeXt: a short supervised fit on the world's scene
-    attributes (shape count, first shape's colour and kind, background) through a temporary linear head."""
+    """The tiny visual tokenizer stands in for the pretrained CLIP ConvNeXt and BLIP-2 Q-Former: a short
+    supervised fit of the sniffer and the Q-Former (and its projection into the LLM) on the world's scene
+    attributes (shape count, first shape's colour and kind, background), through a temporary linear head on the
+    image tokens the LLM will read."""
     from PIL import Image
 
     from deem.data import load_tokenizer
@@ -148,7 +152,7 @@ def _prefit_encoder(world: Path, out: Path, plan: DemoPlan, log: list[str]) -> s
     torch.manual_seed(plan.seed)
     tokenizer = load_tokenizer({"type": "hf", "path": str(world / "tokenizer"), "num_img_token": 4})
     model = DeemModel(tiny_config_for(tokenizer, 32))
-    sniffer = model.visual_tokenizer.sniffer
+    visual = model.visual_tokenizer
     files, labels, sizes = _scene_labels(world)
 
     def pixels(name: str) -> torch.Tensor:
@@ -156,15 +160,15 @@ def _prefit_encoder(world: Path, out: Path, plan: DemoPlan, log: list[str]) -> s
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
     images = torch.stack([pixels(f) for f in files])
-    tokens = sniffer(images[:1]).tokens
-    head = torch.nn.Linear(tokens.shape[1] * tokens.shape[2], sum(sizes))
-    sniffer.requires_grad_(True)
-    optimizer = torch.optim.AdamW([*sniffer.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.0)
+    embeds = visual(images[:1]).embeds
+    head = torch.nn.Linear(embeds.shape[1] * embeds.shape[2], sum(sizes))
+    visual.requires_grad_(True)
+    optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(plan.seed)
     bounds = np.cumsum([0, *sizes])
     for _ in range(plan.encoder_steps):
         idx = torch.randint(0, len(files), (min(128, len(files)),), generator=generator)
-        logits = head(sniffer(images[idx]).tokens.flatten(1))
+        logits = head(visual(images[idx]).embeds.flatten(1))
         loss = sum(
             torch.nn.functional.cross_entropy(logits[:, bounds[k] : bounds[k + 1]], labels[idx, k])
             for k in range(len(sizes))
@@ -335,6 +339,7 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan | None = None) -> 
     synth_world(world, seed=plan.seed, num_train=plan.num_train_images, num_test=plan.num_test_images)
     chance = _blind_baseline(world)
 
+    encoder = _prefit_encoder(world, out, plan, timings)
     components = _run_stage(
         _train_config(
             out,
@@ -344,7 +349,8 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan | None = None) -> 
             "coco_caption_karpathy",
             plan.components_steps,
             plan,
-            overrides={"freeze_llm": False, "freeze_vfm": False, "freeze_dm": False, "freeze_text_head": False},
+            init=encoder,
+            overrides={"freeze_llm": False, "freeze_vfm": True, "freeze_dm": False, "freeze_text_head": False},
         ),
         out,
         "components",

@@ -320,6 +320,8 @@ class Trainer:
                         "nonfinite_total": self.nonfinite,
                         **{f"{k}_per_s": window[k] / elapsed for k in ("samples", "images", "tokens")},
                     }
+                    if self.acc.device.type == "cuda":
+                        record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
                     self._log(record)
                     progress.update(self.step, record)
                     window.clear()
