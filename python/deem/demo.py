@@ -43,8 +43,8 @@ class DemoPlan:
     """Steps and sizes of every stage (the default fits 10 minutes on 2 CPU cores)."""
 
     num_train_images: int = 1000
-    num_test_images: int = 50
-    encoder_steps: int = 300
+    num_test_images: int = 100
+    encoder_steps: int = 1200
     components_steps: int = 300
     stage1_steps: int = 150
     stage2_steps: int = 300
@@ -193,14 +193,49 @@ def _blind_baseline(world: Path) -> dict[str, float]:
         qs = json.loads((world / f"vqav2/v2_OpenEnded_mscoco_{split}2014_questions.json").read_text())["questions"]
         ans = json.loads((world / f"vqav2/v2_mscoco_{split}2014_annotations.json").read_text())["annotations"]
         by_id = {a["question_id"]: a["multiple_choice_answer"] for a in ans}
-        return [(" ".join(q["question"].split()[:2]), by_id[q["question_id"]]) for q in qs]
+        return [(_question_type(q["question"]), by_id[q["question_id"]]) for q in qs]
 
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for qtype, answer in load("train"):
         counts[qtype][answer] += 1
     test = load("val")
-    hits = sum(counts[qtype].most_common(1)[0][0] == answer if counts[qtype] else 0 for qtype, answer in test)
-    return {"vqav2_val": 100.0 * hits / max(1, len(test)), "pope": 50.0, "robustvqa": 50.0}
+    by_type: dict[str, list[bool]] = collections.defaultdict(list)
+    for qtype, answer in test:
+        by_type[qtype].append(bool(counts[qtype]) and counts[qtype].most_common(1)[0][0] == answer)
+    hits = sum(sum(v) for v in by_type.values())
+    return {"vqav2_val": 100.0 * hits / max(1, len(test)), "pope": 50.0, "robustvqa": 50.0,
+            "caption": _blind_caption_cider(world),
+            "vqa_by_type": {k: 100.0 * sum(v) / len(v) for k, v in sorted(by_type.items())}}
+
+
+def _question_type(question: str) -> str:
+    """The first two words ("How many", "What colour", "Is there", "Which shape")."""
+    return " ".join(question.split()[:2])
+
+
+def _vqa_by_type(predictions: Path) -> dict[str, float]:
+    """Exact-match accuracy per question type (the world's ten reference answers of a question agree)."""
+    by_type: dict[str, list[bool]] = collections.defaultdict(list)
+    for row in json.loads(predictions.read_text()):
+        by_type[_question_type(row["question"])].append(row["prediction"] == row["gt_answers"][0])
+    return {k: 100.0 * sum(v) / len(v) for k, v in sorted(by_type.items())}
+
+
+def _blind_caption_cider(world: Path, candidates: int = 20, seed: int = 0) -> float:
+    """CIDEr (x100) of the best of `candidates` random training captions given for every test image: the
+    world's captions share one template, so a caption that ignores the image already scores high."""
+    import random
+
+    from deem.eval.caption_metrics import caption_scores
+
+    test = json.loads((world / "coco/annotations/coco_karpathy_test.json").read_text())
+    train = json.loads((world / "coco/annotations/coco_karpathy_train.json").read_text())
+    references = {str(i): row["caption"] for i, row in enumerate(test)}
+    pool = [row["caption"] for row in train]
+    picks = random.Random(seed).sample(pool, min(candidates, len(pool)))
+    return 100.0 * max(
+        caption_scores({k: caption for k in references}, references, metrics=("CIDEr",))["CIDEr"] for caption in picks
+    )
 
 
 def _plot_losses(out: Path, runs: list[str]) -> Path:
@@ -363,8 +398,9 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan | None = None) -> 
     }
     results: dict[str, dict[str, Any]] = {}
     exports: dict[str, str] = {}
+    keys: dict[str, str] = {}
     for label, (stage1, extra) in variants.items():
-        key = "deem" if label == "DEEM" else "baseline"
+        key = keys[label] = "deem" if label == "DEEM" else "baseline"
         s1 = _run_stage(
             _train_config(
                 out,
@@ -403,9 +439,11 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan | None = None) -> 
     samples_png = _plot_samples(out, world, out / "eval" / "deem" / "vqav2_val" / "predictions.json")
     generated_png = _generated_images(out, exports["deem"], world, plan.seed)
     summary = {label: _summary(metrics) for label, metrics in results.items()}
+    by_type = {label: _vqa_by_type(out / "eval" / k / "vqav2_val" / "predictions.json") for label, k in keys.items()}
     elapsed = time.time() - start
     payload = {
         "summary": summary,
+        "vqa_by_type": by_type,
         "chance": chance,
         "benchmarks": results,
         "plan": plan.__dict__,
@@ -416,7 +454,7 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan | None = None) -> 
     write_atomic(out / "metrics.json", json.dumps(payload, indent=1, default=str))
     write_atomic(
         out / "report.md",
-        _report(summary, chance, plan, device, elapsed, timings, losses_png, samples_png, generated_png),
+        _report(summary, by_type, chance, plan, device, elapsed, timings, losses_png, samples_png, generated_png),
     )
     print(f"\nreport: {out / 'report.md'} ({elapsed:.0f} s)", flush=True)
     return payload
@@ -426,10 +464,11 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def _report(summary, chance, plan, device, elapsed, timings, losses_png, samples_png, generated_png) -> str:
+def _report(summary, by_type, chance, plan, device, elapsed, timings, losses_png, samples_png, generated_png) -> str:
     labels = list(summary)
     rows = list(next(iter(summary.values())))
     chance_by_row = {
+        "caption CIDEr": chance["caption"],
         "VQA accuracy (in distribution)": chance["vqav2_val"],
         "POPE accuracy (random / adversarial, mean)": chance["pope"],
         "RobustVQA-style accuracy (style-shifted, mean)": chance["robustvqa"],
@@ -463,13 +502,25 @@ def _report(summary, chance, plan, device, elapsed, timings, losses_png, samples
                 f"({'DEEM' if a > b else 'the baseline' if b > a else 'neither'} ahead; "
                 f"chance {_fmt(chance_by_row.get(row))})."
             )
+    types = list(chance["vqa_by_type"])
     lines += [
+        "",
+        "VQA accuracy by question type (%, exact match; chance: the most frequent training answer of the type):",
+        "",
+        "| question type | " + " | ".join(labels) + " | chance |",
+        "|---|" + "---|" * (len(labels) + 1),
+        *(
+            f"| {t} | " + " | ".join(_fmt(by_type[label].get(t)) for label in labels)
+            + f" | {_fmt(chance['vqa_by_type'][t])} |"
+            for t in types
+        ),
         "",
         "What the numbers say (reported as measured, whichever variant wins):",
         *verdicts,
         "",
         "Chance: for VQA the best answer without looking at the image (the training set's most frequent "
-        "answer per question type); 50% for the balanced yes/no sets.",
+        "answer per question type); 50% for the balanced yes/no sets; for captions the best of 20 training "
+        "captions given for every test image (one template: a blind caption already scores high).",
         "",
         "## Recipe",
         "",

@@ -18,7 +18,7 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
         assert variant["VQA accuracy (in distribution)"] is not None
         assert variant["RobustVQA-style accuracy (style-shifted, mean)"] is not None
         assert variant["caption CIDEr"] is not None
-    assert 0 <= metrics["chance"]["vqav2_val"] <= 100
+    assert 0 <= metrics["chance"]["vqav2_val"] <= 100 and metrics["chance"]["caption"] > 0
     report = (out / "report.md").read_text()
     assert "| VQA accuracy (in distribution) |" in report and "chance" in report
     for png in ("losses.png", "samples.png", "generated.png"):
