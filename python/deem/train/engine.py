@@ -45,11 +45,12 @@ class Trainer:
             if not torch.cuda.is_available():  # accelerate's CPU mode drops the DeepSpeed plugin
                 raise RuntimeError(f"run.deepspeed={cfg.run.deepspeed}: DeepSpeed training needs CUDA devices and "
                                    "none is visible; drop run.deepspeed to train on the CPU")
-
-
             ds_config = json.loads(Path(cfg.run.deepspeed).read_text())
             # batches are built by deem's data layer, not by a prepared DataLoader: give DeepSpeed the per-device
             # batch explicitly (streams batch themselves; the value only feeds DeepSpeed's throughput accounting)
+            if cfg.eval.every and ds_config.get("zero_optimization", {}).get("stage") == 3:
+                raise ValueError("eval.every with ZeRO-3: generation runs different modules on each rank, which "
+                                 "partitioned weights cannot follow; evaluate the exported weights with deem eval")
             if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
             ds_config.pop("train_batch_size", None)
@@ -162,11 +163,7 @@ class Trainer:
         unknown = [name for name in state["weights"] if name not in named]
         if unknown:
             raise KeyError(f"{path}: weights {unknown[:5]} are not parameters of this model")
-        if not self.deepspeed:  # DeepSpeed's engine checkpoint restores them (partitioned under ZeRO-3)
-            with torch.no_grad():
-                for name, value in state["weights"].items():
-                    named[name].copy_(value.to(named[name].dtype))
-        if self.deepspeed:
+        if self.deepspeed:  # the engine checkpoint restores the weights too (partitioned under ZeRO-3)
             self.model.load_checkpoint(
                 str(path / "deepspeed"),
                 tag="engine",
@@ -174,8 +171,12 @@ class Trainer:
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )
-        elif state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, value in state["weights"].items():
+                    named[name].copy_(value.to(named[name].dtype))
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -351,7 +352,6 @@ class Trainer:
         with self.acc.autocast():
             scored = evaluate(cfg.config, self.acc.unwrap_model(self.model), out, benchmarks=cfg.benchmarks or None,
                               root=cfg.root or self.cfg.data.root, tokenizer=self.data.tokenizer, overwrite=True)
-        self.model.train()
         if self.acc.is_main_process:
             with open(self.out / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **scored}) + "\n")
