@@ -358,7 +358,9 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan | None = None) -> 
     """Run the demo and write `<out>/report.md`, `<out>/metrics.json` and PNG plots. Returns the metrics."""
     from deem.data.synth import synth_world
     from deem.eval import evaluate
+    from deem.eval.caption_metrics import require_java
 
+    require_java()  # the captioning metrics need it: fail now, not after minutes of training
     plan = plan or DemoPlan()
     out = Path(out_dir)
     if (out / "runs").exists():

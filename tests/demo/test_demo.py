@@ -29,3 +29,15 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
     base1 = [json.loads(x) for x in (out / "runs/baseline_stage1/log.jsonl").read_text().splitlines()]
     assert all(r.get("loss_sniffer") is not None for r in stage1)  # DEEM trains with the diffusion feedback
     assert all(r.get("loss_sniffer") is None for r in base1)  # the baseline does not
+
+
+def test_demo_without_java_fails_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    from deem.demo import run_demo
+    from deem.eval.caption_metrics import CaptionMetricError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(CaptionMetricError, match="Java"):
+        run_demo(tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()

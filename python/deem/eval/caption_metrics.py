@@ -21,7 +21,8 @@ class CaptionMetricError(RuntimeError):
     """pycocoevalcap could not run (Java missing, a scorer failed)."""
 
 
-def _require_java() -> None:
+def require_java() -> None:
+    """Raise `CaptionMetricError` unless `java` (which the COCO caption metrics run) is on PATH."""
     if shutil.which("java") is None:
         raise CaptionMetricError("captioning metrics need Java (pycocoevalcap's PTBTokenizer and METEOR): "
                                  "install a JRE so that `java` is on PATH")
@@ -52,7 +53,7 @@ def _close_meteor() -> None:
 
 def ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """PTB-tokenise (lower-case, punctuation removed) every caption of every key in one Java call."""
-    _require_java()
+    require_java()
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     data = {k: [{"caption": str(c)} for c in caps] for k, caps in captions.items()}
@@ -94,7 +95,7 @@ def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequ
             bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
             out.update({f"BLEU_{n + 1}": float(b) for n, b in enumerate(bleu)})
         if "METEOR" in metrics:
-            _require_java()
+            require_java()
             m = _meteor()
             # METEOR's protocol is line based: a caption must not contain a newline or the separator
             clean = {i: [c.replace("\n", " ").replace("|||", " ") for c in v] for i, v in gts.items()}
