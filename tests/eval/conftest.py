@@ -22,12 +22,9 @@ SHORT = {"num_beams": 1, "max_new_tokens": 3, "min_new_tokens": 0}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    """Tiny models gain nothing from intra-op threads; one thread avoids oversubscription on small CI boxes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_everywhere(one_thread):
+    """Every evaluation test module runs on one intra-op thread."""
     yield
-    torch.set_num_threads(before)
 
 
 def _write_json(path: Path, obj: Any) -> None:

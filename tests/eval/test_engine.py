@@ -284,13 +284,9 @@ def test_oracle_answers_score_the_maximum(world, checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_gather_through_the_process_group(world, checkpoint, tmp_path, full_run):
+def test_torchrun_two_ranks_gather_through_the_process_group(world, checkpoint, tmp_path, full_run, torchrun):
     """Two processes under torchrun (gloo on CPU): ranks exchange their records with all_gather_object; rank 0
     merges and scores. The output matches the single-process run."""
-    import socket
-    import subprocess
-    import sys
-
     names = ["vqav2", "visdial"]
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(eval_config(world, names)))
@@ -304,12 +300,7 @@ def test_torchrun_two_ranks_gather_through_the_process_group(world, checkpoint, 
         f"scored = evaluate(json.load(open({str(cfg_path)!r})), {str(checkpoint)!r}, {str(out)!r})\n"
         "import torch.distributed as dist\n"
         "print('RESULT', dist.get_rank(), dist.get_world_size(), sorted(scored))\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
-                          capture_output=True, text=True, timeout=300)
+    proc = torchrun([str(script)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "RESULT 0 2 ['visdial', 'vqav2']" in proc.stdout and "RESULT 1 2 []" in proc.stdout, proc.stdout
     for name in names:

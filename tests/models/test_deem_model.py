@@ -13,13 +13,7 @@ import deem._native
 from deem.models import STAGES, DeemModel, tiny, with_stage
 from deem.models.loading import ORIGINAL_KEY_MAP, CheckpointError, read_state_dict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(cfg, seed=0):

@@ -58,14 +58,7 @@ def perturb_convs(mmfs: MMFSNet, scale: float = 0.2, seed: int = 1) -> None:
             blk.conv.bias.copy_(torch.randn(blk.conv.bias.shape, generator=g) * scale)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a busy machine the OpenMP
-    hand-offs make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

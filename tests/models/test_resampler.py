@@ -8,14 +8,7 @@ import torch
 import deem.models.resampler as resampler_module
 from deem.models.resampler import PerceiverResampler, QFormerConfig, QKNormQFormerAttention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a single intra-op thread is faster and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,12 +32,7 @@ def losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -220,24 +215,17 @@ def test_stage_chaining_and_export(world, tmp_path):
         Trainer(refer)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
+def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path, torchrun):
     """torchrun with 2 CPU processes (DDP over gloo), each taking half of the global batch, logs the same losses
     as one process taking all of it: the data is sharded without overlap and losses/gradients are averaged."""
-    import socket
-
     common = ["configs/train/tiny_sft_vqa.yaml", "init_from=null", f"data.root={world}", "schedule.max_steps=3",
               "schedule.warmup_steps=1", "log.every=1", "log.progress=false", "log.tensorboard=false",
               "checkpoint.every=3", "model.overrides.loss_sniffer_weight=0.0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "deem", "train", *common, f"output_dir={tmp_path / 'one'}",
                     "data.batch_size=4"], env=env, check=True, capture_output=True, cwd=REPO)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "deem", "train",
-                           *common, f"output_dir={tmp_path / 'two'}", "data.batch_size=2"],
-                          env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = torchrun(["-m", "deem", "train", *common, f"output_dir={tmp_path / 'two'}", "data.batch_size=2"],
+                    env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3

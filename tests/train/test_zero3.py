@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,18 +45,13 @@ json.dump(losses, open(f"{out}/rank{rank}.json", "w"))
 """
 
 
-def test_zero3_trains_the_model(world, tmp_path):
+def test_zero3_trains_the_model(world, tmp_path, torchrun):
     """VQA fine-tuning of the tiny model under ZeRO-3 on 2 processes. (Batches must run the same modules on
     every rank under ZeRO-3: see docs/train.md.)"""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script), str(world), str(tmp_path)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = torchrun([str(script), str(world), str(tmp_path)], env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
