@@ -1,7 +1,9 @@
-"""`deem data ...` commands: `synth OUT_DIR` writes the shapes world, `inspect CONFIG` describes a data config.
+"""`deem data ...` commands: `synth OUT_DIR` writes the shapes world, `inspect CONFIG` describes a data config
+(`--all`: reads every sample and prints per-source counts).
 
 A data config (YAML or dict) has an optional `root` (base of relative paths; default: the current directory),
-a `tokenizer` entry (see `load_tokenizer`) and `train` / `eval` entries, each one dataset config or a list.
+a `tokenizer` entry (see `load_tokenizer`), an optional `max_image_pixels` (the default pixel limit of its
+datasets) and `train` / `eval` entries, each one dataset config or a list.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 import torch
 import yaml
 
-from deem.data.errors import DataError
+from deem.data.errors import DataError, NoValidSamples
 from deem.data.labels import IGNORE_INDEX
-from deem.data.registry import build_collator, build_dataset, resolve_paths
+from deem.data.registry import build_collator, build_dataset, resolve_paths, trackers_of
+from deem.data.text import read_text_file
 from deem.data.tokenizer import DeemTokenizer, load_tokenizer
 
 
@@ -29,11 +32,27 @@ def load_data_config(config: str | Path | dict[str, Any], root: str | Path | Non
         path = Path(config)
         if not path.is_file():
             raise DataError(f"data config {path} does not exist")
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            cfg = yaml.safe_load(read_text_file(path, "data config")) or {}
+        except yaml.YAMLError as exc:
+            raise DataError(f"data config {path} is not valid YAML: {exc}") from None
         if not isinstance(cfg, dict):
             raise DataError(f"data config {path} must be a mapping")
     base = Path(root if root is not None else cfg.get("root", "."))
-    return resolve_paths({k: v for k, v in cfg.items() if k != "root"}, base)
+    cfg = resolve_paths({k: v for k, v in cfg.items() if k != "root"}, base)
+    if "max_image_pixels" in cfg:  # the default of every dataset that does not set its own
+        for split in ("train", "eval"):
+            value = cfg.get(split)
+            if isinstance(value, list):
+                cfg[split] = [_with_limit(e, cfg["max_image_pixels"]) for e in value]
+            elif isinstance(value, dict):
+                cfg[split] = _with_limit(value, cfg["max_image_pixels"])
+    return cfg
+
+
+def _with_limit(entry: Any, limit: Any) -> Any:
+    return {**entry, "max_image_pixels": limit} if isinstance(entry, dict) and "max_image_pixels" not in entry \
+        else entry
 
 
 def _entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -104,21 +123,31 @@ def inspect(config: str | Path | dict[str, Any], num_samples: int = 2, root: str
     return "\n".join(out)
 
 
+def inspect_all(config: str | Path | dict[str, Any], root: str | Path | None = None
+                ) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Read every sample of every dataset of a data config (records, documents, images, with the training
+    checks: pixel limit, UTF-8, ...). Returns the report (a per-source table: samples read, good, skipped by
+    reason) and the counts per source."""
+    from deem.data.survey import format_table, survey
+
+    cfg = load_data_config(config, root)
+    if "tokenizer" not in cfg:
+        raise DataError("data config has no `tokenizer` entry")
+    tok = load_tokenizer(cfg["tokenizer"])
+    rows, counts = [], {}
+    for split, entry in _entries(cfg):
+        for name, c in survey(build_dataset(entry, tok, rank=0, world_size=1)).items():
+            rows.append((split, name, c))
+            counts[f"{split}/{name}"] = c
+    return "\n".join(format_table(rows)), counts
+
+
 def _tracker_lines(ds: Any) -> list[str]:
     lines = []
-    for t in {id(x): x for x in _trackers(ds)}.values():
+    for t in trackers_of(ds):
         if t.bad:
             lines.append(f"    skipped {t.bad} of {t.seen} samples of {t.name}: {t.reasons}; last: {t.last_errors[-1]}")
     return lines
-
-
-def _trackers(ds: Any) -> list[Any]:
-    found = [ds.tracker] if hasattr(ds, "tracker") else []
-    if hasattr(ds, "source"):
-        found.append(ds.source.tracker)
-    for child in getattr(ds, "datasets", []) + getattr(ds, "streams", []):
-        found += _trackers(child)
-    return found
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -132,7 +161,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    print(inspect(args.config, num_samples=args.num_samples, root=args.root))
+    if not args.all:
+        print(inspect(args.config, num_samples=args.num_samples, root=args.root))
+        return 0
+    report, counts = inspect_all(args.config, root=args.root)
+    print(report, flush=True)
+    empty = [name for name, c in counts.items() if c["good"] == 0]
+    if empty:
+        raise NoValidSamples(f"{len(empty)} source(s) without a single valid sample: {', '.join(empty)}")
     return 0
 
 
@@ -151,5 +187,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     insp.add_argument("config")
     insp.add_argument("--root", default=None, help="base directory of relative paths in the config")
     insp.add_argument("--num-samples", type=int, default=2)
+    insp.add_argument("--all", action="store_true",
+                      help="read every sample of every source and print a per-source table of good and skipped ones")
     insp.set_defaults(func=_cmd_inspect)
     return data

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from deem.data.errors import BadSampleTracker, DataError, SampleError
-from deem.data.images import ViewParams, box_mask, load_image, random_crop_containing
+from deem.data.images import ViewParams, box_mask, random_crop_containing
 from deem.data.records import ImageViews, RecordDataset, parse_records, read_json
 
 SPATIAL_WORDS = ("top", "bottom", "left", "right", "center", "middle", "above", "below", "first", "second",
@@ -68,7 +68,7 @@ class GroundingDataset(RecordDataset):
 
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         rec: RegionRecord = self.records[index]
-        image = load_image(rec.image, self.name, rec.key)
+        image = self.open_image(rec.image, rec.key)
         w, h = image.size
         x1, y1, x2, y2 = rec.box
         if not (0 <= x1 < x2 <= w + 1 and 0 <= y1 < y2 <= h + 1):

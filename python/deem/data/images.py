@@ -9,27 +9,76 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from deem.data.errors import SampleError
 
+# Images with more pixels are refused from their header, before any decoding (`max_image_pixels` in a dataset or
+# data config overrides it). Below Pillow's own bomb guard (Image.MAX_IMAGE_PIXELS, 89.5 MP), which stays active.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# where transparent pixels show: their stored colour is arbitrary (often black or noise), so they are composited
+BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
-def load_image(src: str | Path | bytes, source: str, key: str) -> Image.Image:
-    """Open and fully decode an image as RGB; a missing, truncated or non-image file raises `SampleError`."""
+
+def load_image(src: str | Path | bytes, source: str, key: str,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB (`to_rgb`).
+
+    A missing, truncated or non-image file, a decompression bomb (Pillow's guard) or an image with more than
+    `max_pixels` pixels (checked from the header, before decoding; None or 0 disables our limit) raises
+    `SampleError` naming `source`, `key` and the file."""
+    where = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
     try:
-        img = Image.open(io.BytesIO(src)) if isinstance(src, (bytes, bytearray)) else Image.open(src)
-        img.load()
-        return img.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice its limit; our own limit below decides instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+                w, h = img.size
+                if max_pixels and w * h > max_pixels:
+                    raise SampleError(source, key, f"image too large: {where} is {w}x{h} = {w * h} pixels > "
+                                      f"max_image_pixels {max_pixels}", kind="image too large")
+                img.load()
+                return to_rgb(img)
+    except SampleError:
+        raise
     except FileNotFoundError:
-        raise SampleError(source, key, f"image not found: {src}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        where = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
-        raise SampleError(source, key, f"corrupt image {where}: {exc}") from None
+        raise SampleError(source, key, f"image not found: {src}", kind="image not found") from None
+    except Image.DecompressionBombError as exc:
+        raise SampleError(source, key, f"decompression bomb: {where}: {exc}", kind="decompression bomb") from None
+    except Exception as exc:  # a third-party decoder over untrusted bytes: any failure is this sample's
+        raise SampleError(source, key, f"corrupt image {where}: {type(exc).__name__}: {exc}",
+                          kind="corrupt image") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A new 8-bit RGB image with the same content, for every Pillow mode.
+
+    16-bit and 32-bit integer greyscale (I;16*, I: values 0-65535) is scaled to 0-255 (Pillow's own conversion
+    clips instead: 200/65535 would become 200/255); F is read on the 0-255 scale of L (Pillow's convention), NaN
+    as 0; transparency (RGBA, LA, PA, premultiplied modes, P or L/RGB with a transparent colour) is composited
+    over a white background instead of exposing the colour stored under transparent pixels."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT:
+        values = np.clip(np.asarray(img).astype(np.float64), 0, 65535)
+        return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        if mode == "La":
+            img = img.convert("LA")
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    return img.convert("RGB")
 
 
 @dataclass(frozen=True)

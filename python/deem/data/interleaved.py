@@ -23,11 +23,12 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset
 
-from deem.data.errors import BadSampleTracker, DataError, SampleError
-from deem.data.images import DualViewTransform, load_image
+from deem.data.errors import BadSampleTracker, CountDeltas, DataError, NoValidSamples, SampleError
+from deem.data.images import DEFAULT_MAX_IMAGE_PIXELS, DualViewTransform, load_image
 from deem.data.labels import build_labels, nearest_bos_indices, pad_sequences
 from deem.data.packing import Document, PackedSequence, SequencePacker
 from deem.data.sharding import consumer_of, default_rank_world, shuffle_buffer, shuffled, split_samples, split_shards
+from deem.data.text import decode_utf8, jsonl_records
 from deem.data.tokenizer import DeemTokenizer
 
 logger = logging.getLogger("deem.data")
@@ -51,8 +52,10 @@ class MMC4Source:
     def __init__(self, name: str, annotation_root: str | Path, shards: str | Sequence[str], image_root: str | Path,
                  tokenizer: DeemTokenizer, tracker: BadSampleTracker, sim_threshold: float = 0.24,
                  max_num_images: int = 6, img_first_prob: float = 0.5, single_image_drop_prob: float = 0.5,
-                 exclude_shard_ids: Sequence[int] = MMC4_MISSING_SHARDS, max_doc_tokens: int | None = None):
+                 exclude_shard_ids: Sequence[int] = MMC4_MISSING_SHARDS, max_doc_tokens: int | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.name, self.root, self.image_root = name, Path(annotation_root), Path(image_root)
+        self.max_image_pixels = max_image_pixels
         self.tok, self.tracker = tokenizer, tracker
         self.sim_threshold, self.max_num_images = sim_threshold, max_num_images
         self.img_first_prob, self.single_image_drop_prob = img_first_prob, single_image_drop_prob
@@ -71,13 +74,12 @@ class MMC4Source:
         path = self.root / f"{shard}.zip"
         try:
             with zipfile.ZipFile(path) as zf, zf.open(shard) as f:
-                for lineno, line in enumerate(f, 1):
-                    key = f"{shard}:{lineno}"
-                    try:
-                        yield key, json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        self.tracker.record_bad(SampleError(str(path), key, f"malformed record: {exc}"))
-        except (zipfile.BadZipFile, KeyError, OSError) as exc:
+                for item in jsonl_records(f, f"{path}:{shard}", key_prefix=f"{shard}:"):
+                    if isinstance(item, SampleError):
+                        self.tracker.record_bad(item)
+                    else:
+                        yield item
+        except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
             self.tracker.record_bad(SampleError(str(path), shard, f"unreadable shard: {exc}"))
 
     def document(self, key: str, doc: Any, rng: np.random.Generator) -> Document | None:
@@ -88,18 +90,23 @@ class MMC4Source:
                           for info, _ in infos]
         except (KeyError, TypeError, ValueError) as exc:
             raise SampleError(self.name, key, f"malformed record: {type(exc).__name__}: {exc}") from None
-        kept = []
+        kept, failed = [], []
         for image_name, idx, sim in candidates:
             if sim < self.sim_threshold:
                 continue
             if not 0 <= idx < len(texts):
                 raise SampleError(self.name, key, f"matched_text_index {idx} outside {len(texts)} sentences")
             try:
-                image = load_image(self.image_root / f"{image_name[:12]}.jpg", self.name, f"{key} {image_name}")
+                image = load_image(self.image_root / f"{image_name[:12]}.jpg", self.name, f"{key} {image_name}",
+                                   max_pixels=self.max_image_pixels)
             except SampleError as err:
                 self.tracker.record_bad(err)
+                failed.append(image_name)
                 continue
             kept.append((idx, image))
+        if not kept and failed:  # each image is counted above; the document is unusable too
+            raise SampleError(self.name, key, f"no loadable image: all {len(failed)} matched images failed "
+                              f"({', '.join(failed[:3])})", kind="no loadable image")
         if not kept:
             return None
         if len(kept) > self.max_num_images:
@@ -125,14 +132,17 @@ class MMC4Source:
 
 
 class LaionSource:
-    """LAION/BLIP pairs in webdataset tars (`<key>.jpg` + `<key>.json` with `caption`, str or list)."""
+    """LAION/BLIP pairs in webdataset tars: `<key>.jpg` (or png/webp) + `<key>.json` with `caption` (str or list),
+    or `<key>.txt` holding the caption when there is no json or it has no caption (img2dataset writes both)."""
 
     level = "sample"
 
     def __init__(self, name: str, data_root: str | Path, shards: str | Sequence[str], tokenizer: DeemTokenizer,
                  tracker: BadSampleTracker, img_first_prob: float = 0.5, seq_len: int = 2048,
-                 image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp")):
+                 image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.name, self.root, self.tok, self.tracker = name, Path(data_root), tokenizer, tracker
+        self.max_image_pixels = max_image_pixels
         self.img_first_prob, self.seq_len, self.image_exts = img_first_prob, seq_len, tuple(image_exts)
         listed = expand_shards(shards)
         self.shards = [s for s in listed if (self.root / s).is_file()]
@@ -161,15 +171,10 @@ class LaionSource:
 
     def document(self, key: str, sample: dict, rng: np.random.Generator) -> Document | None:
         ext = next((e for e in self.image_exts if e in sample), None)
-        if ext is None or "json" not in sample:
+        if ext is None or ("json" not in sample and "txt" not in sample):
             raise SampleError(self.name, key, f"incomplete sample: has {sorted(k for k in sample if k[0] != '_')}")
-        try:
-            meta = json.loads(sample["json"])
-            caption = meta["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise SampleError(self.name, key, f"malformed record: {exc}") from None
-        caption = " ".join(caption) if isinstance(caption, list) else str(caption)
-        image = load_image(sample[ext], self.name, key)
+        caption = self.caption(key, sample)
+        image = load_image(sample[ext], self.name, f"{key}.{ext}", max_pixels=self.max_image_pixels)
         image_first = rng.random() < self.img_first_prob
         run, eos = self.tok.image_run, self.tok.special.eos
         text = (run + caption.lower() if image_first else caption.lower() + run) + eos
@@ -178,6 +183,25 @@ class LaionSource:
             tail = self.tok.num_img_token + 2  # image run + EOS
             ids = ids[: self.seq_len] if image_first else ids[: self.seq_len - tail] + ids[-tail:]
         return Document(ids, [image], key)
+
+    def caption(self, key: str, sample: dict) -> str:
+        """The caption of a tar sample: the json's `caption` (a list joined by spaces), else the txt file."""
+        if "json" in sample:
+            text = decode_utf8(sample["json"], self.name, f"{key}.json", "json")
+            try:
+                meta = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise SampleError(self.name, f"{key}.json", f"malformed record: {exc}") from None
+            caption = meta.get("caption") if isinstance(meta, dict) else None
+            if isinstance(caption, str):
+                return caption
+            if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+                return " ".join(caption)
+            if caption is not None:
+                raise SampleError(self.name, f"{key}.json", f"malformed record: caption {caption!r} is not text")
+        if "txt" in sample:
+            return decode_utf8(sample["txt"], self.name, f"{key}.txt", "caption").strip()
+        raise SampleError(self.name, f"{key}.json", "malformed record: no `caption` and no .txt caption")
 
 
 class ResumableStream(IterableDataset):
@@ -217,16 +241,25 @@ class ResumableStream(IterableDataset):
         """Yield (source name, packed sequences, ignore_noimage_cond_loss) per batch, images untransformed."""
         raise NotImplementedError
 
+    def trackers(self) -> list[BadSampleTracker]:
+        """The bad-sample trackers of this stream's sources."""
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches from the resumed position on; `meta["bad_samples"]` holds what the sources counted while
+        reading that batch ({source: {good, bad, reasons}}; batches replayed to reach the position count nothing)."""
         consumer, n, worker, num_workers = consumer_of(self.rank, self.world_size)
         skip = self.consumed.get(consumer, 0)
+        counts = CountDeltas(self.trackers())
         for k, (name, seqs, ignore_noimage) in enumerate(self.raw_batches(self.epoch, consumer, n)):
             if k < skip:
+                counts.reset()
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, consumer, k])
             batch = self.collate(seqs, name, ignore_noimage, rng)
             batch["meta"]["position"] = {"epoch": self.epoch, "consumer": consumer, "batch_index": k,
                                          "rank": self.rank, "worker": worker, "num_workers": num_workers}
+            batch["meta"]["bad_samples"] = counts.take()
             yield batch
 
     def collate(self, seqs: list[PackedSequence], name: str, ignore_noimage: bool,
@@ -264,6 +297,9 @@ class InterleavedStream(ResumableStream):
         self.seq_len, self.max_images, self.batch_size = seq_len, max_images, batch_size
         self.shuffle_buffer, self.ignore_noimage_cond_loss = shuffle_buffer, ignore_noimage_cond_loss
 
+    def trackers(self) -> list[BadSampleTracker]:
+        return [self.source.tracker]
+
     def documents(self, epoch: int, consumer: int, num_consumers: int) -> Iterator[Document]:
         shards = shuffled(self.source.shards, (self.seed, epoch))
         own, by_sample = split_shards(shards, consumer, num_consumers)
@@ -271,16 +307,23 @@ class InterleavedStream(ResumableStream):
         if by_sample:
             records = split_samples(records, consumer, num_consumers)
         rng = np.random.default_rng([self.seed, epoch, consumer, 1])
+        tracker = self.source.tracker
+        good, bad = tracker.good, tracker.bad
         for key, raw in shuffle_buffer(records, self.shuffle_buffer, np.random.default_rng([self.seed, epoch,
                                                                                             consumer, 2])):
             try:
                 doc = self.source.document(key, raw, rng)
             except SampleError as err:
-                self.source.tracker.record_bad(err)
+                tracker.record_bad(err)
                 continue
-            self.source.tracker.record_good()
+            tracker.record_good()
             if doc is not None:
                 yield doc
+        if tracker.good == good and tracker.bad > bad:  # a whole pass and not one usable sample: stop the run
+            raise NoValidSamples(
+                f"source {self.name}: no valid sample in a whole pass over {len(own)} shard(s) under "
+                f"{self.source.root} (reader {consumer} of {num_consumers}); {tracker.bad - bad} skipped, by reason "
+                f"{tracker.reasons}; last errors: {'; '.join(tracker.last_errors[-3:])}")
 
     def raw_batches(self, epoch: int, consumer: int, num_consumers: int) -> Iterator[tuple[str, list, bool]]:
         packer = SequencePacker(self.tok.special, self.tok.num_img_token, self.seq_len, self.max_images,
@@ -312,6 +355,9 @@ class MixedStream(ResumableStream):
         p = np.asarray(probs, dtype=float)
         self.probs = p / p.sum()
 
+    def trackers(self) -> list[BadSampleTracker]:
+        return [t for s in self.streams for t in s.trackers()]
+
     def raw_batches(self, epoch: int, consumer: int, num_consumers: int) -> Iterator[tuple[str, list, bool]]:
         rng = np.random.default_rng([self.seed, epoch, consumer, 3])
         probs = self.probs.copy()
@@ -327,7 +373,9 @@ class MixedStream(ResumableStream):
                 if self.sampling == "shortest":
                     return
                 done[i] = True
-                if produced[i] == 0:  # nothing for this consumer in a whole pass: never pick it again
+                if produced[i] == 0:  # valid data, but not one full batch for this consumer: never pick it again
+                    logger.warning("random_mix: source %s gives reader %d of %d no full batch in a whole pass; "
+                                   "it is left out of this reader's mix", self.streams[i].name, consumer, num_consumers)
                     probs[i] = 0.0
                     if probs.sum() == 0:
                         return

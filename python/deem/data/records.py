@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from deem.data.errors import BadSampleTracker, DataError, SampleError
-from deem.data.images import DualViewTransform, load_image
+from deem.data.images import DEFAULT_MAX_IMAGE_PIXELS, DualViewTransform, load_image
+from deem.data.text import jsonl_records, read_text_file
 
 
 @dataclass
@@ -26,31 +27,28 @@ class ImageViews:
 
 
 def read_json(path: str | Path) -> Any:
-    """Load a JSON file; a missing or invalid file raises `DataError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"annotation file {path} does not exist")
+    """Load a UTF-8 JSON file (a BOM is dropped); a missing, non-UTF-8 or invalid file raises `DataError` naming it
+    (and the byte offset of the first invalid byte)."""
+    text = read_text_file(path)
     try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"annotation file {path} is not valid JSON: {exc}") from None
 
 
 def read_jsonl(path: str | Path, tracker: BadSampleTracker) -> list[tuple[str, Any]]:
-    """Load a JSON-lines file as (line key, object) pairs; malformed lines are skipped and counted."""
+    """Load a JSON-lines file as (line key, object) pairs; malformed or non-UTF-8 lines are skipped and counted
+    (naming the file and the line); a BOM on the first line is dropped, its record kept."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"annotation file {path} does not exist")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                tracker.record_bad(SampleError(str(path), f"line {lineno}", f"malformed record: {exc}"))
+    with path.open("rb") as f:
+        for item in jsonl_records(f, str(path)):
+            if isinstance(item, SampleError):
+                tracker.record_bad(item)
+            else:
+                out.append(item)
     return out
 
 
@@ -91,7 +89,10 @@ class RecordDataset(Dataset):
     (seed, epoch, index): identical in every worker and rank, different per epoch (`set_epoch`).
     A sample that fails to load is logged and counted; training sets then serve the next index instead,
     evaluation sets (`eval_mode=True`) return None (eval collators drop it, so no prediction is duplicated).
+    Images larger than `max_image_pixels` (set from the config by the registry) are refused before decoding.
     """
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __init__(
         self,
@@ -145,7 +146,11 @@ class RecordDataset(Dataset):
         return None
 
     # helpers shared by the readers
+    def open_image(self, path: str | Path, key: str):
+        """The RGB image at `path` (a `SampleError` naming this dataset and `key` if it cannot be used)."""
+        return load_image(path, self.name, key, max_pixels=self.max_image_pixels)
+
     def image_views(self, path: str | Path, key: str, rng: np.random.Generator) -> tuple[ImageViews, Any]:
-        image = load_image(path, self.name, key)
+        image = self.open_image(path, key)
         enc, dec, params = self.transform(image, rng)
         return ImageViews(enc, dec), params

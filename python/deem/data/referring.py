@@ -19,7 +19,6 @@ import torch
 
 from deem.data import prompts as P
 from deem.data.errors import BadSampleTracker, DataError, SampleError
-from deem.data.images import load_image
 from deem.data.records import ImageViews, RecordDataset, parse_records, read_json
 
 MASK = "<mask>"
@@ -91,7 +90,7 @@ class ReferringMaskDataset(RecordDataset):
 
     def load_item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         rec: MaskImageRecord = self.records[index]
-        image = load_image(rec.image, self.name, rec.key)
+        image = self.open_image(rec.image, rec.key)
         if image.size != (rec.width, rec.height):
             raise SampleError(self.name, rec.key, f"image is {image.size}, annotation says {(rec.width, rec.height)}")
         enc, dec, params = self.transform(image, rng)

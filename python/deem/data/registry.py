@@ -15,15 +15,16 @@ from deem.data import collators as C
 from deem.data.captions import build_caption_dataset
 from deem.data.errors import BadSampleTracker, DataError
 from deem.data.grounding import build_grounding_dataset
-from deem.data.images import DualViewTransform
+from deem.data.images import DEFAULT_MAX_IMAGE_PIXELS, DualViewTransform
 from deem.data.interleaved import MMC4_MISSING_SHARDS, InterleavedStream, LaionSource, MixedStream, MMC4Source
+from deem.data.records import RecordDataset
 from deem.data.referring import PREAMBLES, build_referring_dataset
 from deem.data.tokenizer import DeemTokenizer, load_tokenizer
 from deem.data.visdial import build_visdial_dataset
 from deem.data.vqa import QA_TYPES, build_qa_dataset
 
 COMMON_KEYS = {"type", "name", "transform", "seed", "max_bad_fraction", "min_bad_samples", "collator", "eval",
-               "prompts"}
+               "prompts", "max_image_pixels"}
 CAPTION_TYPES = {"coco_karpathy", "coco_captions", "image2paragraph", "flickr30k_grounded", "textcaps", "lncoco"}
 GROUNDING_TYPES = {"refcoco", "vg_regions", "refcoco_grounding_eval"}
 REFERRING_TYPES = {*PREAMBLES, "refcocog_referring_eval"}
@@ -53,6 +54,25 @@ def _check_keys(cfg: dict[str, Any]) -> None:
     unknown = sorted(set(cfg) - COMMON_KEYS - KNOWN_KEYS[kind])
     if unknown:
         raise DataError(f"dataset {cfg.get('name', kind)!r} (type {kind}): unknown keys {unknown}")
+
+
+def max_image_pixels(cfg: dict[str, Any]) -> int | None:
+    """The dataset's pixel limit: `max_image_pixels` (0 or null: no limit of ours, Pillow's bomb guard stays),
+    default `DEFAULT_MAX_IMAGE_PIXELS`."""
+    value = cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise DataError(f"dataset {cfg.get('name', cfg.get('type'))!r}: max_image_pixels must be a pixel count >= 0 "
+                        f"or null, got {value!r}")
+    return int(value) or None
+
+
+def _inherit(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """A child dataset of concat / random_mix takes the parent's pixel limit unless it sets its own."""
+    if "max_image_pixels" in parent and isinstance(child, dict) and "max_image_pixels" not in child:
+        return {**child, "max_image_pixels": parent["max_image_pixels"]}
+    return child
 
 
 def _tracker(cfg: dict[str, Any]) -> BadSampleTracker:
@@ -115,10 +135,11 @@ def _build_stream(cfg, tokenizer, transform, rank, world_size) -> InterleavedStr
                             img_first_prob=float(cfg.get("img_first_prob", 0.5)),
                             single_image_drop_prob=float(cfg.get("single_image_drop_prob", 0.5)),
                             exclude_shard_ids=cfg.get("exclude_shard_ids", MMC4_MISSING_SHARDS),
-                            max_doc_tokens=cfg.get("max_doc_tokens"))
+                            max_doc_tokens=cfg.get("max_doc_tokens"), max_image_pixels=max_image_pixels(cfg))
     else:
         source = LaionSource(name, cfg["data_root"], cfg["shards"], tokenizer, tracker,
-                             img_first_prob=float(cfg.get("img_first_prob", 0.5)), seq_len=seq_len)
+                             img_first_prob=float(cfg.get("img_first_prob", 0.5)), seq_len=seq_len,
+                             max_image_pixels=max_image_pixels(cfg))
     return InterleavedStream(source, tokenizer, transform, seq_len=seq_len, max_images=int(cfg.get("max_images", 15)),
                              batch_size=int(cfg.get("batch_size", 4)), seed=int(cfg.get("seed", 0)), rank=rank,
                              world_size=world_size, shuffle_buffer=int(cfg.get("shuffle_buffer", 1000)),
@@ -136,27 +157,41 @@ def build_dataset(cfg: dict[str, Any], tokenizer: DeemTokenizer | None = None, r
     _check_keys(cfg)
     kind = cfg["type"]
     if kind == "concat":
-        parts = [build_dataset(c, tokenizer, rank, world_size) for c in cfg["datasets"]]
+        parts = [build_dataset(_inherit(cfg, c), tokenizer, rank, world_size) for c in cfg["datasets"]]
         return MixtureDataset(parts, cfg.get("weights", "size"), seed=int(cfg.get("seed", 0)),
                               length=cfg.get("length"), name=cfg.get("name", "concat"))
     if kind == "random_mix":
         tok = _tokenizer_for(cfg, tokenizer)
-        streams = [build_dataset(c, tok, rank, world_size) for c in cfg["datasets"]]
+        streams = [build_dataset(_inherit(cfg, c), tok, rank, world_size) for c in cfg["datasets"]]
         return MixedStream(streams, cfg.get("probs", [1.0] * len(streams)), cfg.get("sampling_type", "longest"),
                            seed=int(cfg.get("seed", 0)), rank=rank, world_size=world_size)
     transform = DualViewTransform.from_config(cfg.get("transform"))
     if kind in STREAM_TYPES:
         return _build_stream(cfg, _tokenizer_for(cfg, tokenizer), transform, rank, world_size)
-    tracker = _tracker(cfg)
+    tracker, limit = _tracker(cfg), max_image_pixels(cfg)
     if kind in CAPTION_TYPES:
-        return build_caption_dataset(cfg, transform, tracker)
-    if kind in QA_TYPES:
-        return build_qa_dataset(cfg, transform, tracker)
-    if kind in GROUNDING_TYPES:
-        return build_grounding_dataset(cfg, transform, tracker)
-    if kind in REFERRING_TYPES:
-        return build_referring_dataset(cfg, transform, tracker)
-    return build_visdial_dataset(cfg, transform, tracker)
+        ds = build_caption_dataset(cfg, transform, tracker)
+    elif kind in QA_TYPES:
+        ds = build_qa_dataset(cfg, transform, tracker)
+    elif kind in GROUNDING_TYPES:
+        ds = build_grounding_dataset(cfg, transform, tracker)
+    elif kind in REFERRING_TYPES:
+        ds = build_referring_dataset(cfg, transform, tracker)
+    else:
+        ds = build_visdial_dataset(cfg, transform, tracker)
+    if isinstance(ds, RecordDataset):
+        ds.max_image_pixels = limit
+    return ds
+
+
+def trackers_of(ds: Any) -> list[BadSampleTracker]:
+    """Every bad-sample tracker of a built dataset (readers, mixtures, streams)."""
+    if hasattr(ds, "trackers"):
+        return list(ds.trackers())
+    found = [ds.tracker] if isinstance(getattr(ds, "tracker", None), BadSampleTracker) else []
+    for child in getattr(ds, "datasets", []):
+        found += trackers_of(child)
+    return list({id(t): t for t in found}.values())
 
 
 COLLATORS: dict[str, Callable[..., C.BaseCollator]] = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deem.data.errors import DataError
+from deem.data.text import read_text_file
 
 SOI_TOKEN = "<|startofimage|>"
 IMAGE_TOKEN = "<|sniffer|>"
@@ -247,7 +248,7 @@ def load_tokenizer(cfg: dict | str | Path) -> DeemTokenizer:
     if kind == "tiny":
         corpus = cfg.get("corpus")
         if corpus is None and "corpus_file" in cfg:
-            corpus = Path(cfg["corpus_file"]).read_text(encoding="utf-8").splitlines()
+            corpus = read_text_file(cfg["corpus_file"], "tokenizer corpus file").splitlines()
         if corpus is None:
             from deem.data.synth import synth_corpus
 

@@ -8,6 +8,7 @@ several); evaluation items carry the ground-truth answers for scoring.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from deem.data.errors import BadSampleTracker, DataError
 from deem.data.images import DualViewTransform
 from deem.data.prompts import CAPTION_QUESTIONS, merged_prompts
 from deem.data.records import RecordDataset, parse_records, read_json, read_jsonl
+from deem.data.text import read_text_file
 
 QA_TYPES = frozenset({"vqav2", "okvqa", "textvqa", "aokvqa", "ocrvqa", "gqa", "coco_vqa", "llava", "vizwiz", "pope",
                       "robustvqa", "mmvp"})
@@ -227,11 +229,7 @@ def read_robustvqa(annotation, image_root, tracker, subset: str, prompts: dict[s
 
 def read_mmvp(annotation, image_root, tracker, prompts: dict[str, str]) -> list[QARecord]:
     """MMVP Questions.csv (Index, Question, Options, Correct Answer); image = <image_root>/<Index>.jpg."""
-    path = Path(annotation)
-    if not path.is_file():
-        raise DataError(f"annotation file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text_file(annotation), newline="")))
 
     def parse(key, row):
         idx = row.get("Index") or row.get("lndex")  # the official file spells the header "lndex"

@@ -1,5 +1,6 @@
 """Training data from a data config (configs/data/*.yaml): a resumable, rank-sharded, epoch-looping batch
-iterator over either a map-style dataset + collator or a pre-training stream."""
+iterator over either a map-style dataset + collator or a pre-training stream, with the bad-sample counts of
+the batches it delivered (per source, kept in the checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from deem.data import build_collator, build_dataset, load_tokenizer
 from deem.data.cli import load_data_config
+from deem.data.errors import BadSampleTracker, CountDeltas, Counts, merge_counts, snapshot
+from deem.data.registry import trackers_of
 from deem.data.tokenizer import DeemTokenizer
 
 
@@ -35,6 +38,19 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+class _CountingCollate:
+    """The collator, run where the items were read (main process or DataLoader worker), returning the batch and
+    what the dataset's trackers counted while reading its items."""
+
+    def __init__(self, collate: Any, trackers: list[BadSampleTracker]) -> None:
+        self.collate = collate
+        self.counts = CountDeltas(trackers)
+
+    def __call__(self, items: list[Any]) -> tuple[dict[str, Any] | None, dict[str, Counts]]:
+        batch = self.collate(items)
+        return batch, self.counts.take()
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -68,8 +84,12 @@ class TrainData:
         self.dataset = build_dataset(entry, self.tokenizer, rank=rank, world_size=world_size)
         self.num_workers = num_workers
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.batches_consumed = 0
         self.skipped_empty = 0
+        trackers = trackers_of(self.dataset)
+        # bad records found while parsing the annotation files count once; good ones count when they load
+        self.bad_samples: dict[str, Counts] = {n: {**c, "good": 0} for n, c in snapshot(trackers).items()}
         if isinstance(self.dataset, IterableDataset):
             self.stream = self.dataset
             self.sampler = None
@@ -78,7 +98,7 @@ class TrainData:
             if "collator" not in entry:
                 raise ValueError(f"{config_path}: train dataset {dataset_name!r} has no collator")
             self.stream = None
-            self.collate = build_collator(entry["collator"], self.tokenizer)
+            self.collate = _CountingCollate(build_collator(entry["collator"], self.tokenizer), trackers)
             self.sampler = ResumableSampler(len(self.dataset), seed, rank, world_size, batch_size)
             self.batch_size = batch_size
 
@@ -113,6 +133,11 @@ class TrainData:
         while True:
             produced = False
             for batch in self._loader():
+                if self.stream is None:
+                    batch, counts = batch
+                else:
+                    counts = batch["meta"].pop("bad_samples", {})
+                self.bad_samples = merge_counts(self.bad_samples, counts)
                 if batch is None:  # every item of the batch failed to load (counted by the data layer)
                     self.skipped_empty += 1
                     self._advance(None)
@@ -132,8 +157,18 @@ class TrainData:
         else:
             self.sampler.start += self.batch_size
 
+    def bad_sample_totals(self) -> dict[str, Counts]:
+        """Good and skipped samples per source of every batch delivered so far, summed over the ranks (a
+        collective: every rank calls it at the same step)."""
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, self.bad_samples)
+            return merge_counts(*parts)
+        return merge_counts(self.bad_samples)
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"batches_consumed": self.batches_consumed, "skipped_empty": self.skipped_empty}
+        state: dict[str, Any] = {"batches_consumed": self.batches_consumed, "skipped_empty": self.skipped_empty,
+                                 "bad_samples": self.bad_samples}
         if self.stream is not None:
             state["stream"] = self.stream.state_dict()
         else:
@@ -143,6 +178,8 @@ class TrainData:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batches_consumed = int(state["batches_consumed"])
         self.skipped_empty = int(state.get("skipped_empty", 0))
+        if "bad_samples" in state:  # counts continue across a resume
+            self.bad_samples = merge_counts(state["bad_samples"])
         if self.stream is not None:
             self.stream.load_state_dict(state["stream"])
         else:

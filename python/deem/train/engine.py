@@ -133,7 +133,7 @@ class Trainer:
 
     def _resume_or_start(self, resume: bool) -> None:
         config_file = self.out / "train_config.yaml"
-        latest = self.ckpt.latest() if resume else None
+        latest = self.ckpt.resume_point(self.acc.wait_for_everyone, self.print) if resume else None
         if resume and latest is None:
             self.print(f"--resume: no checkpoint under {self.ckpt.root}; starting from step 0")
         if latest is not None:
@@ -319,6 +319,7 @@ class Trainer:
                         "grad_norm": stats["grad_norm"],
                         "skipped": int(stats["skipped"]),
                         "nonfinite_total": self.nonfinite,
+                        "bad_samples": self.data.bad_sample_totals(),  # per source, summed over ranks
                         **{f"{k}_per_s": window[k] / elapsed for k in ("samples", "images", "tokens")},
                     }
                     if self.acc.device.type == "cuda":
