@@ -282,3 +282,21 @@ def test_mmc4_document_with_every_image_unreadable_is_counted(tok, tmp_path):
         list(ds.documents(0, 0, 1))
     assert ds.source.tracker.reasons == {"corrupt image": 2, "no loadable image": 1}
     assert ds.source.tracker.good == 0
+
+
+def test_corrupt_deflate_data_in_an_mmc4_shard_is_a_skipped_shard(tok, tmp_path):
+    root = write_mmc4(tmp_path, n_shards=2, docs_per_shard=2)
+    member = "docs_no_face_shard_1_v3.jsonl"
+    zpath = root / "mmc4_annts" / f"{member}.zip"
+    with zipfile.ZipFile(zpath) as zf:
+        text = zf.read(member)
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(member, text)
+    data = bytearray(zpath.read_bytes())
+    data[30 + len(member)] = 0xFF  # first byte of the deflate stream, after the local header: invalid block type
+    zpath.write_bytes(bytes(data))
+    ds = build_dataset(mmc4_cfg(root, shards="docs_no_face_shard_{0..1}_v3.jsonl", max_bad_fraction=1.0), tok,
+                       rank=0, world_size=1)
+    assert len(list(ds.documents(0, 0, 1))) == 2, "the other shard's documents are read"
+    assert ds.source.tracker.reasons == {"unreadable shard": 1}
+    assert f"{zpath} [{member}]: unreadable shard: Error -3" in ds.source.tracker.last_errors[-1]

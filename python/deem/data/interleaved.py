@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ class MMC4Source:
                         self.tracker.record_bad(item)
                     else:
                         yield item
-        except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error, NotImplementedError) as exc:
             self.tracker.record_bad(SampleError(str(path), shard, f"unreadable shard: {exc}"))
 
     def document(self, key: str, doc: Any, rng: np.random.Generator) -> Document | None:
