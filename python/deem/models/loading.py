@@ -188,7 +188,7 @@ class OriginalLayout:
     unsupported: Mapping[str, str]
 
 
-def detect_original_layout(keys) -> OriginalLayout:
+def detect_original_layout(keys, source: str = "<state dict>") -> OriginalLayout:
     """Tell an original DEEM checkpoint (and its stage's layout) from an MM-Interleaved one by its keys."""
     keys = list(keys)
 
@@ -213,9 +213,11 @@ def detect_original_layout(keys) -> OriginalLayout:
                               "inside the image decoder)", MM_INTERLEAVED_KEY_MAP,
                               {"visual_tokenizer.encoder.": _VIT_ENCODER})
     if has("mm_decoder."):
-        raise CheckpointError("cannot tell DEEM from MM-Interleaved: neither visual_tokenizer.sniffer.* (DEEM) nor "
-                              "visual_tokenizer.encoder.vision_model.* / visual_tokenizer.proj.* (MM-Interleaved) keys")
-    raise CheckpointError(f"not an original DEEM / MM-Interleaved checkpoint (no mm_decoder.* keys; e.g. {keys[:5]})")
+        raise CheckpointError(f"{source}: cannot tell DEEM from MM-Interleaved: neither visual_tokenizer.sniffer.* "
+                              "(DEEM) nor visual_tokenizer.encoder.vision_model.* / visual_tokenizer.proj.* "
+                              "(MM-Interleaved) keys")
+    raise CheckpointError(f"{source}: not an original DEEM / MM-Interleaved checkpoint (no mm_decoder.* keys; "
+                          f"e.g. {keys[:5]})")
 
 
 def _rule(key: str, key_map: list[tuple[str, str | None]]) -> tuple[str, str | None] | None:
@@ -241,7 +243,7 @@ def original_checkpoint_filter(state: Mapping[str, torch.Tensor], model, drop: S
     Every key is mapped, deliberately consumed (RoPE buffers, checked; the unused open_clip head; the
     projections of modules this configuration does not build), dropped because `drop` names it, or an error:
     keys of modules deem does not implement are refused with the reason, keys no map entry covers are named."""
-    layout = detect_original_layout(state)
+    layout = detect_original_layout(state, source)
     out = Remapped(kind=layout.description)
     own = list(model.state_dict())
     reasons: dict[str, list[str]] = {}
