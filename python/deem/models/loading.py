@@ -161,7 +161,7 @@ MM_INTERLEAVED_KEY_MAP: list[tuple[str, str | None]] = [
     *((f"image_decoder.decoder.{m}.", f"diffusion.{m}.") for m in _SD_MODULES),
     *_TAIL,
 ]
-"""MM-Interleaved -> deem, for every module deem implements (its image encoder is refused, see UNSUPPORTED)."""
+"""MM-Interleaved -> deem, for every module deem implements (its image encoder is refused: detect_original_layout)."""
 
 DROPPED = {_CONVNEXT + "visual.head.": "the open_clip projection head, which DEEM never uses"}
 
