@@ -104,3 +104,78 @@ def test_answer_postprocessing():
     assert original_extract_answer('"The answer is pizza slice."') == "slice"
     assert original_extract_answer("a cup of tea") == "cup"
     assert original_extract_answer("red or blue") == "red"
+
+
+# Cases where the official rules (GT-Vision-Lab vqaEval.py) and the original DEEM code's variant
+# (uni_interleaved/utils/vqav2_metrics_src) differ, each worked out from the rules by hand:
+#   official: prediction always whitespace+punctuation+digit/article normalised; ground truths punctuation-only and
+#             only when not all identical;
+#   original: both sides whitespace-stripped; both sides fully normalised only when the ground truths are not all
+#             identical, otherwise nothing more.
+DIFFERING = [
+    # prediction, ground truths, official, original
+    ("Yes", ["yes"] * 10, 1.0, 0.0),                      # unanimous: the original leaves "Yes" as it is
+    ("yes.", ["yes"] * 10, 1.0, 0.0),                     # ... and its final period
+    ("two", ["2"] * 10, 1.0, 0.0),                        # ... and its number word
+    ("2", ["two"] * 8 + ["2"] * 2, 0.6, 1.0),             # official: ground truths keep "two" (8 x 2/3 + 2 x 1/3)
+    ("dog", ["the dog"] * 8 + ["dog"] * 2, 0.6, 1.0),     # official: ground truths keep their article
+    ("dont", ["dont"] * 8 + ["no"] * 2, 0.0, 1.0),        # official: only the prediction becomes "don't"
+    ("red", ["Red"] * 8 + ["blue"] * 2, 0.0, 1.0),        # official: ground truths are never lower-cased
+    ("yes", ["yes "] * 10, 0.0, 1.0),                     # official: ground truths are never stripped
+]
+
+
+@pytest.mark.parametrize("prediction, gts, official, original", DIFFERING)
+def test_official_and_original_variants_differ_where_the_rules_do(prediction, gts, official, original):
+    assert vqa_accuracy(prediction, gts) == pytest.approx(official)  # the default is the official one
+    assert vqa_accuracy(prediction, gts, metric="official") == pytest.approx(official)
+    assert vqa_accuracy(prediction, gts, metric="original") == pytest.approx(original)
+
+
+@pytest.mark.parametrize("n_match, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0)])
+def test_both_variants_share_the_leave_one_out_formula(n_match, expected):
+    gts = ["cat"] * n_match + [f"other{i}" for i in range(10 - n_match)]
+    for metric in ("official", "original"):
+        assert vqa_accuracy("The cat.", gts, metric=metric) == pytest.approx(expected)
+
+
+def test_original_variant_unanimous_and_mixed_answers():
+    assert vqa_accuracy("yes", ["yes."] * 10, metric="original") == 0.0  # nothing normalised when unanimous
+    assert vqa_accuracy("yes", ["yes."] * 9 + ["no"], metric="original") == 1.0
+    assert vqa_accuracy("yes", ["Yes"] * 9 + ["no"], metric="original") == 1.0  # lower-cased when mixed
+    out = vqa_scores({"1": "Yes", "2": "2"}, {"1": ["yes"] * 10, "2": ["two"] * 8 + ["2"] * 2}, metric="original")
+    assert out["accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"unknown vqa_metric 'lavis'.*official.*original"):
+        vqa_scores({"1": "yes"}, {"1": ["yes"] * 10}, metric="lavis")
+
+
+def test_vizwiz_normalises_only_the_prediction():
+    # the VizWiz API (and the original) never touch the ground truths, unlike the VQA rule for mixed answers
+    assert vqa_accuracy("yes", ["yes."] * 9 + ["no"]) == 1.0
+    assert vizwiz_scores({"q": "yes"}, {"q": ["yes."] * 9 + ["no"]})["accuracy"] == 0.0
+    assert vizwiz_scores({"q": "Yes."}, {"q": ["yes"] * 9 + ["no"]})["accuracy"] == 1.0
+
+
+def test_eval_config_selects_the_variant():
+    from deem.eval.benchmarks import Context, EvalError
+    from deem.eval.engine import load_eval_config
+
+    def cfg(**extra):
+        bench = {"name": "v", "dataset": {"type": "vqav2", "questions": "q.json", "annotations": "a.json"}}
+        pope = {"name": "p", "dataset": {"type": "pope", "annotation": "p.json"}}
+        return {"benchmarks": [{**bench, **extra.pop("bench", {})}, pope], **extra}
+
+    assert [b.vqa_metric for b in load_eval_config(cfg()).benchmarks] == ["official", "official"]
+    assert load_eval_config(cfg(vqa_metric="original")).benchmarks[0].vqa_metric == "original"
+    assert load_eval_config(cfg(vqa_metric="original", bench={"vqa_metric": "official"})).benchmarks[0].vqa_metric \
+        == "official"
+    with pytest.raises(EvalError, match=r"vqa_metric must be one of \['official', 'original'\], got 'x'"):
+        load_eval_config(cfg(vqa_metric="x"))
+    bad = cfg()
+    bad["benchmarks"][1]["vqa_metric"] = "original"
+    with pytest.raises(EvalError, match="vqa_metric applies to VQAv2-style benchmarks"):
+        load_eval_config(bad)
+    kind = load_eval_config(cfg()).benchmarks[0].kind
+    records = [{"id": "1", "prediction": "Yes", "gt_answers": ["yes"] * 10}]
+    assert kind.score(records, Context("v")) == {"accuracy": 100.0}
+    assert kind.score(records, Context("v", vqa_metric="original")) == {"accuracy": 0.0}

@@ -480,3 +480,32 @@ def test_load_open_clip_into_meta_built_sniffer():
     assert report.ok
     assert not any(p.is_meta for p in s.trunk.parameters())
     _assert_trunk_equals(s, src)
+
+
+def test_open_clip_filter_is_timms_and_keeps_the_projection_head_out():
+    """timm's convnext `checkpoint_filter_fn` recognises open_clip's layout; given the whole checkpoint it would
+    turn the CLIP projection head into a classifier (`head.fc`), which DEEM's trunk does not have."""
+    from timm.models.convnext import checkpoint_filter_fn
+
+    from deem.models.vision import open_clip_convnext_filter
+
+    src = source_trunk()
+    sd = open_clip_state_dict(src)
+    assert "head.fc.weight" in checkpoint_filter_fn(sd, src)
+    remapped = open_clip_convnext_filter(sd, src, ignored=[k for k in sd if not k.startswith("visual.trunk.")])
+    assert sorted(remapped.state) == sorted(src.state_dict())
+    assert remapped.origin["stem.0.weight"] == "visual.trunk.stem.0.weight"
+    assert "visual.head.proj.weight" in remapped.ignored and remapped.notes
+    # a damaged checkpoint without the stem (timm would read it as a Facebook checkpoint) reports the gap
+    del sd["visual.trunk.stem.0.weight"]
+    s = tiny_sniffer(image_size=64)
+    report = load_open_clip_convnext(s, sd, strict=False)
+    assert report.missing == ["stem.0.weight"] and not report.unexpected
+    _assert_trunk_equals_except(s, src, "stem.0.weight")
+
+
+def _assert_trunk_equals_except(s: ConvNeXtSniffer, src: ConvNeXt, skip: str) -> None:
+    own = s.trunk.state_dict()
+    for k, v in src.state_dict().items():
+        if k != skip:
+            assert torch.equal(own[k], v), k

@@ -35,6 +35,7 @@ class Context:
     benchmark: str
     postprocess: str | None = None
     visdial_gt_index: dict[tuple[int, int], int] | None = None
+    vqa_metric: str = "official"  # the VQA accuracy variant (vqa_metrics.VQA_METRICS)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _vqa_score(records, ctx):
         raise EvalError(f"{ctx.benchmark}: {len(missing)} questions without human answers (e.g. {missing[:3]}): "
                         "the VQA accuracy needs the annotation file's 10 answers")
     return _percent(M.vqa_scores({r["id"]: r["prediction"] for r in records},
-                                 {r["id"]: r["gt_answers"] for r in records}))
+                                 {r["id"]: r["gt_answers"] for r in records}, metric=ctx.vqa_metric))
 
 
 def _vizwiz_score(records, ctx):

@@ -38,12 +38,14 @@ from deem.data.sharding import EvalShardSampler
 from deem.data.tokenizer import DeemTokenizer, load_tokenizer
 from deem.eval.benchmarks import KINDS, Context, EvalError, Kind, kind_for, record_ids, sample_id, visdial_gt_indices
 from deem.eval.io import PartWriter, atomic_write_json, atomic_write_text, read_json, read_parts
+from deem.eval.vqa_metrics import VQA_METRICS
 
 log = logging.getLogger("deem.eval")
 
 TOP_KEYS = {"root", "tokenizer", "device", "dtype", "batch_size", "num_workers", "save_every", "save_interval_s",
-            "resolution", "benchmarks", "groups"}
-BENCH_KEYS = {"name", "dataset", "metric", "batch_size", "generation", "postprocess", "num_workers", "save_every"}
+            "resolution", "benchmarks", "groups", "vqa_metric"}
+BENCH_KEYS = {"name", "dataset", "metric", "batch_size", "generation", "postprocess", "num_workers", "save_every",
+              "vqa_metric"}
 GENERATION_KEYS = {"max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "do_sample", "top_p",
                    "temperature", "repetition_penalty"}
 GENERATION_ALIASES = {"max_length": "max_new_tokens", "min_length": "min_new_tokens"}  # the original's names
@@ -66,6 +68,7 @@ class BenchmarkConfig:
     postprocess: str | None = None
     num_workers: int = 2
     save_every: int = 20
+    vqa_metric: str = "official"
 
 
 @dataclass
@@ -100,6 +103,12 @@ def _normalise_generation(gen: dict[str, Any] | None, where: str) -> dict[str, A
     return out
 
 
+def _vqa_metric(value: Any, where: str) -> str:
+    if value not in VQA_METRICS:
+        raise EvalError(f"{where}: vqa_metric must be one of {list(VQA_METRICS)}, got {value!r}")
+    return str(value)
+
+
 def load_eval_config(config: str | Path | dict[str, Any], root: str | Path | None = None,
                      resolution: int | None = None) -> EvalConfig:
     """Parse an eval config (YAML path or dict). Relative dataset and tokenizer paths resolve against `root`
@@ -124,7 +133,8 @@ def load_eval_config(config: str | Path | dict[str, Any], root: str | Path | Non
     base = Path(root if root is not None else raw.get("root", "."))
     resolution = resolution if resolution is not None else raw.get("resolution")
     defaults = {"batch_size": int(raw.get("batch_size", 8)), "num_workers": int(raw.get("num_workers", 2)),
-                "save_every": int(raw.get("save_every", 20))}
+                "save_every": int(raw.get("save_every", 20)),
+                "vqa_metric": _vqa_metric(raw.get("vqa_metric", "official"), source)}
     benches, seen = [], set()
     for n, entry in enumerate(raw.get("benchmarks") or []):
         where = f"{source}: benchmark {n}"
@@ -148,12 +158,15 @@ def load_eval_config(config: str | Path | dict[str, Any], root: str | Path | Non
         if post is not None and post not in kind.postprocess:
             raise EvalError(f"{where}: postprocess {post!r} not available for {kind.name} "
                             f"(choose from {list(kind.postprocess) or 'none'})")
+        if "vqa_metric" in entry and kind.name != "vqa":
+            raise EvalError(f"{where}: vqa_metric applies to VQAv2-style benchmarks (kind vqa), not {kind.name}")
         benches.append(BenchmarkConfig(
             name=name, dataset=dataset, kind=kind,
             batch_size=int(entry.get("batch_size", defaults["batch_size"])),
             generation=_normalise_generation(entry.get("generation"), where), postprocess=post,
             num_workers=int(entry.get("num_workers", defaults["num_workers"])),
-            save_every=max(1, int(entry.get("save_every", defaults["save_every"])))))
+            save_every=max(1, int(entry.get("save_every", defaults["save_every"]))),
+            vqa_metric=_vqa_metric(entry.get("vqa_metric", defaults["vqa_metric"]), where)))
     if not benches:
         raise EvalError(f"{source}: no benchmarks configured")
     groups = raw.get("groups") or {}
@@ -359,7 +372,7 @@ def _prepare(bench: BenchmarkConfig, tok: DeemTokenizer | None, ranks: _Ranks, b
     except DataError as exc:
         raise EvalError(f"{bench.name}: {exc}") from exc
     ids = record_ids(ds, bench.name)
-    prep = _Prepared(bench, ds, ids, Context(bench.name, bench.postprocess), {})
+    prep = _Prepared(bench, ds, ids, Context(bench.name, bench.postprocess, vqa_metric=bench.vqa_metric), {})
     if tok is not None:
         try:
             prep.collator = build_collator(bench.dataset, tok)

@@ -1,20 +1,31 @@
-"""The official VQA accuracy (VQAv2 / OK-VQA / TextVQA), VizWiz and GQA scoring.
+"""VQA accuracy (VQAv2 / OK-VQA / TextVQA), VizWiz and GQA scoring.
 
-The normalisation follows the official VQA evaluation (GT-Vision-Lab/VQA, `PythonEvaluationTools/vqaEvaluation/
-vqaEval.py`), implemented from its documented rules:
+Two variants of the VQA accuracy, chosen per evaluation with `vqa_metric` (docs/eval.md):
 
-* the prediction: newlines/tabs -> spaces, strip, punctuation rule, then digit/article/contraction rule;
-* the ground-truth answers: punctuation rule only, and only when the 10 answers are not all identical;
+* ``official`` (the default): the official VQA evaluation (GT-Vision-Lab/VQA,
+  `PythonEvaluationTools/vqaEvaluation/vqaEval.py`), implemented from its rules: the prediction always gets
+  newlines/tabs -> spaces, strip, the punctuation rule, then the digit/article/contraction rule; the ground-truth
+  answers get the punctuation rule only, and only when the n answers are not all identical (no strip, no
+  lower-casing, no digit/article rule: the annotation files hold answers already in that form);
+* ``original``: the variant the original DEEM code scores with (`uni_interleaved/utils/vqav2_metrics_src`, a
+  widely copied modification): prediction and ground truths get newlines/tabs -> spaces and strip; then, only
+  when the ground truths are not all identical, both sides get the punctuation and digit/article rules, and
+  otherwise neither side gets anything else (so "Yes" against ten "yes" scores 0).
+
+The rules, shared by both:
+
 * punctuation rule: each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted when it is followed or
   preceded by a space in the text (or the text has a digit,digit group), otherwise replaced by a space; then every
   "." not followed by a digit is deleted (the official regex `(?!<=\\d)(\\.)(?!\\d)`, whose look-behind is
-  mis-written as a look-ahead, so "." after a digit is deleted too);
+  mis-written as a look-ahead, so "." after a digit is deleted too; at most 32 of them, see below);
 * digit/article rule: lower-case, split on whitespace, number words zero..ten (and "none") -> digits, drop
   a/an/the, expand the contraction table, join with single spaces;
-* accuracy of one question: the mean, over the leave-one-out subsets of the n (= 10) human answers, of
-  min(1, #matches among the other n-1 / 3).
+* accuracy of one question: the mean, over the n leave-one-out subsets of the n (= 10) human answers (10 choose
+  9), of min(1, #matches among the other n-1 / 3).
 
-Every function returns fractions in [0, 1]; the engine reports percentages.
+VizWiz follows the VizWiz evaluation API (vizwiz.org, the code the original also uses): the prediction always gets
+both rules, the ground truths none; the same leave-one-out formula. Every function returns fractions in [0, 1];
+the engine reports percentages.
 """
 
 from __future__ import annotations
@@ -79,21 +90,40 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+VQA_METRICS = ("official", "original")
+
+
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(text: str) -> str:
-    """The official normalisation of a predicted answer."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    """The official normalisation of a predicted answer (whitespace, punctuation, digit/article rules)."""
+    return process_digit_article(process_punctuation(_clean_whitespace(text)))
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction against the human answers (normally 10): the mean over the
-    leave-one-out subsets of min(1, #matches / 3)."""
-    gts = [str(a) for a in gt_answers]
-    if len(gts) < 2:
-        raise ValueError(f"VQA accuracy needs several human answers (got {len(gts)}); use exact match instead")
-    pred = normalize_vqa_answer(prediction)
+def _official(prediction: str, gts: list[str]) -> tuple[str, list[str]]:
     if len(set(gts)) > 1:
         gts = [process_punctuation(a) for a in gts]
+    return normalize_vqa_answer(prediction), gts
+
+
+def _original(prediction: str, gts: list[str]) -> tuple[str, list[str]]:
+    pred, gts = _clean_whitespace(prediction), [_clean_whitespace(a) for a in gts]
+    if len(set(gts)) > 1:
+        return process_digit_article(process_punctuation(pred)), [process_digit_article(process_punctuation(a))
+                                                                  for a in gts]
+    return pred, gts
+
+
+def _vizwiz(prediction: str, gts: list[str]) -> tuple[str, list[str]]:
+    return normalize_vqa_answer(prediction), gts
+
+
+_VARIANTS = {"official": _official, "original": _original}
+
+
+def _leave_one_out(pred: str, gts: Sequence[str]) -> float:
     total = 0.0
     for k in range(len(gts)):
         matches = sum(1 for j, a in enumerate(gts) if j != k and a == pred)
@@ -101,13 +131,34 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
     return total / len(gts)
 
 
-def vqa_scores(predictions: Mapping[str, str], gt_answers: Mapping[str, Sequence[str]],
-               answer_types: Mapping[str, str] | None = None) -> dict[str, float]:
-    """Mean official VQA accuracy over the predicted questions (`accuracy`), and per answer type
-    (`accuracy_<type>`) when `answer_types` is given."""
-    if not predictions:
-        raise ValueError("no predictions to score")
-    accs = {qid: vqa_accuracy(pred, gt_answers[qid]) for qid, pred in predictions.items()}
+def _human_answers(gt_answers: Sequence[str]) -> list[str]:
+    gts = [str(a) for a in gt_answers]
+    if len(gts) < 2:
+        raise ValueError(f"VQA accuracy needs several human answers (got {len(gts)}); use exact match instead")
+    return gts
+
+
+def check_vqa_metric(metric: str) -> str:
+    """`metric` if it names a VQA accuracy variant, else a ValueError listing them."""
+    if metric not in _VARIANTS:
+        raise ValueError(f"unknown vqa_metric {metric!r}; choose one of {list(VQA_METRICS)}")
+    return metric
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], metric: str = "official") -> float:
+    """VQA accuracy of one prediction against the human answers (normally 10): the mean over the leave-one-out
+    subsets of min(1, #matches / 3), after the normalisation of `metric` ("official" or "original")."""
+    pred, gts = _VARIANTS[check_vqa_metric(metric)](prediction, _human_answers(gt_answers))
+    return _leave_one_out(pred, gts)
+
+
+def vizwiz_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+    """VizWiz accuracy of one prediction (the VizWiz API: only the prediction is normalised)."""
+    pred, gts = _vizwiz(prediction, _human_answers(gt_answers))
+    return _leave_one_out(pred, gts)
+
+
+def _mean_by_type(accs: Mapping[str, float], answer_types: Mapping[str, str] | None) -> dict[str, float]:
     out = {"accuracy": sum(accs.values()) / len(accs)}
     if answer_types:
         by_type: dict[str, list[float]] = {}
@@ -118,12 +169,24 @@ def vqa_scores(predictions: Mapping[str, str], gt_answers: Mapping[str, Sequence
     return out
 
 
+def vqa_scores(predictions: Mapping[str, str], gt_answers: Mapping[str, Sequence[str]],
+               answer_types: Mapping[str, str] | None = None, metric: str = "official") -> dict[str, float]:
+    """Mean VQA accuracy (`metric`: "official" or "original") over the predicted questions (`accuracy`), and per
+    answer type (`accuracy_<type>`) when `answer_types` is given."""
+    if not predictions:
+        raise ValueError("no predictions to score")
+    check_vqa_metric(metric)
+    return _mean_by_type({q: vqa_accuracy(p, gt_answers[q], metric) for q, p in predictions.items()}, answer_types)
+
+
 def vizwiz_scores(predictions: Mapping[str, str], gt_answers: Mapping[str, Sequence[str]],
                   answer_types: Mapping[str, str] | None = None) -> dict[str, float]:
-    """VizWiz-VQA accuracy (the VizWiz evaluation uses the VQA formula and normalisation over its 10 answers;
-    "unanswerable" is an ordinary answer string and an answer type): overall and per answer type
-    (yes/no, number, other, unanswerable)."""
-    return vqa_scores(predictions, gt_answers, answer_types)
+    """VizWiz-VQA accuracy (the VizWiz evaluation API, which the original uses too: the VQA formula over the 10
+    answers, the prediction normalised, the answers as they are; "unanswerable" is an ordinary answer string and
+    an answer type): overall and per answer type (yes/no, number, other, unanswerable)."""
+    if not predictions:
+        raise ValueError("no predictions to score")
+    return _mean_by_type({q: vizwiz_accuracy(p, gt_answers[q]) for q, p in predictions.items()}, answer_types)
 
 
 def normalize_gqa_answer(text: str) -> str:

@@ -1,185 +1,316 @@
-"""Loading weights offline from the formats users have (spec/model.md, DESIGN.md):
+"""Foreign checkpoint formats: one pure key-remapping function per format (like timm's `checkpoint_filter_fn`)
+and the loaders that pass its result to the one strict loader, :func:`deem.models.weights.load_weights`.
 
-* a Hugging Face LLaMA/Vicuna directory (safetensors or `pytorch_model*.bin`, sharded or not);
-* a diffusers Stable Diffusion 2.1 directory (through `DiffusionConfig.pretrained_path`);
-* the open_clip ConvNeXt checkpoint (`open_clip_pytorch_model.bin`);
-* an original DEEM / MM-Interleaved `pytorch_model.bin`, through `ORIGINAL_KEY_MAP`.
+* a Hugging Face LLaMA/Vicuna directory (safetensors or `pytorch_model*.bin`, sharded or not):
+  :func:`hf_llama_filter`, :func:`load_llama`;
+* an original DEEM (RainBowLuoCS/DEEM, every stage) or MM-Interleaved (OpenGVLab/MM-Interleaved)
+  `pytorch_model.bin`: :func:`original_checkpoint_filter`, :func:`load_original_checkpoint`, the key maps
+  `ORIGINAL_KEY_MAP` and `MM_INTERLEAVED_KEY_MAP` (docs/model.md lists them);
+* the open_clip ConvNeXt checkpoint: :func:`deem.models.vision.open_clip_convnext_filter`;
+* a diffusers Stable Diffusion 2.1 directory: read by diffusers' own `from_pretrained` in its native layout
+  (`DiffusionConfig.pretrained_path`), no key remapping.
 
 `.bin` files are read with `torch.load(weights_only=True)`: nothing is unpickled beyond tensors.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+from deem.models.weights import (
+    INDEX_FILES,
+    WEIGHT_FILES,
+    CheckpointError,
+    LoadReport,
+    Remapped,
+    load_weights,
+    matches,
+    read_state_dict,
+)
+
+__all__ = [
+    "INDEX_FILES", "MM_INTERLEAVED_KEY_MAP", "ORIGINAL_KEY_MAP", "WEIGHT_FILES", "CheckpointError", "LoadReport",
+    "OriginalLayout", "Remapped", "detect_original_layout", "hf_llama_filter", "load_llama",
+    "load_original_checkpoint", "load_weights", "original_checkpoint_filter", "read_state_dict",
+]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the file and the offending keys."""
-
-
-@dataclass
-class LoadReport:
-    source: str
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        return (
-            f"{self.source}: {len(self.loaded)} tensors loaded, {len(self.missing)} missing, "
-            f"{len(self.unexpected)} unexpected, {len(self.ignored)} ignored"
-        )
-
-
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return obj
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint file or of a directory holding one (sharded checkpoints included)."""
-    path = Path(path)
-    if path.is_file():
-        return _read_file(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or directory")
-    for index_name in INDEX_FILES:
-        index = path / index_name
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(_read_file(path / shard))
-            return state
-    for name in WEIGHT_FILES:
-        if (path / name).exists():
-            return _read_file(path / name)
-    raise CheckpointError(f"{path}: no weights found (expected one of {WEIGHT_FILES + INDEX_FILES})")
-
-
-def assign(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-    """Copy `state` into `module` (keys relative to it); shape mismatches and unknown keys are errors,
-    keys the checkpoint lacks are reported as missing."""
-    own = module.state_dict()
-    report = LoadReport(source)
-    bad_shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if bad_shapes:
-        raise CheckpointError(f"{source}: shape mismatch for {len(bad_shapes)} tensors: " + "; ".join(bad_shapes[:5]))
-    report.unexpected = sorted(k for k in state if k not in own)
-    if report.unexpected:
+def _check_rope(model, key: str, value: torch.Tensor, source: str) -> None:
+    """A checkpoint's RoPE `inv_freq` buffer must equal the one the model recomputes (same base and head dim)."""
+    ours = getattr(getattr(model.llm, "rotary_emb", None), "inv_freq", None)
+    if ours is None or ours.is_meta:
+        return
+    if tuple(value.shape) != tuple(ours.shape) or not torch.allclose(value.float().cpu(), ours.float().cpu(),
+                                                                      rtol=1e-3, atol=0.0):
         raise CheckpointError(
-            f"{source}: {len(report.unexpected)} keys the model does not have: {report.unexpected[:8]}"
-        )
+            f"{source}: {key} {tuple(value.shape)} differs from the model's rotary table {tuple(ours.shape)}: the "
+            "checkpoint's LLM uses another RoPE base or head size than this configuration")
+
+
+# ----------------------------------------------------------------------------------------------- LLaMA
+
+
+def hf_llama_filter(state: Mapping[str, torch.Tensor], model, generator: torch.Generator | None = None,
+                    source: str = "<state dict>") -> tuple[Remapped, torch.Tensor]:
+    """A HF `LlamaForCausalLM` state dict -> `model.llm` keys, and the `lm_head` weight for the text head.
+
+    `model.<k>` becomes `<k>`; the embedding grows from the checkpoint's vocabulary to `text_vocab_size` with
+    new rows ~ N(0, initializer_range²) (spec/model.md §7.2); `rotary_emb.inv_freq` buffers (older
+    transformers saved them) are checked against the model's and consumed; without `lm_head.weight` the
+    embeddings are the head (tied)."""
+    out = Remapped(kind="Hugging Face LLaMA causal LM")
+    others = []
+    for key, value in state.items():
+        if key.startswith("model.") and key.endswith("rotary_emb.inv_freq"):
+            _check_rope(model, key, value, source)
+            out.ignored.append(key)
+        elif key.startswith("model."):
+            out.state[key[len("model."):]] = value
+            out.origin[key[len("model."):]] = key
+        elif key != "lm_head.weight":
+            others.append(key)
+    if not out.state:
+        raise CheckpointError(f"{source}: no 'model.*' keys: not a LLaMA causal-LM checkpoint")
+    if others:
+        raise CheckpointError(f"{source}: {len(others)} keys are not part of a LLaMA causal LM: {sorted(others)[:8]}")
+    if "embed_tokens.weight" not in out.state:
+        raise CheckpointError(f"{source}: the LLaMA checkpoint lacks model.embed_tokens.weight")
+    if out.ignored:
+        out.notes.append(f"{len(out.ignored)} rotary_emb.inv_freq buffers: recomputed by the model (values checked)")
+    cfg = model.config
+    emb = out.state["embed_tokens.weight"]
     with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v.to(own[k].dtype))
-    report.loaded = sorted(state)
-    report.missing = sorted(k for k in own if k not in state)
-    return report
-
-
-# ----------------------------------------------------------------------------------------- LLaMA
+        grown = torch.empty(cfg.text_vocab_size, emb.shape[1], dtype=emb.dtype)
+        grown.normal_(0.0, model.llm.config.initializer_range, generator=generator)
+        n = min(emb.shape[0], cfg.text_vocab_size)
+        grown[:n] = emb[:n]
+    out.state["embed_tokens.weight"] = grown
+    return out, state.get("lm_head.weight", emb)
 
 
 def load_llama(model, path: str | Path, generator: torch.Generator | None = None) -> LoadReport:
-    """A HF LLaMA/Vicuna checkpoint into `model.llm` and `model.text_head` (spec/model.md §7.2, §7.3):
-    the vocabulary grows from the checkpoint's to `text_vocab_size` with new rows ~ N(0, 0.02²), the text
-    head starts from the checkpoint's `lm_head`. MMFS cross-attention keys are expected to be missing."""
-    state = read_state_dict(path)
-    llm_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    if not llm_state:
-        raise CheckpointError(f"{path}: no 'model.*' keys: not a LLaMA causal-LM checkpoint")
-    ignored = [k for k in llm_state if k.endswith("rotary_emb.inv_freq")]
-    for k in ignored:
-        llm_state.pop(k)
+    """A HF LLaMA/Vicuna checkpoint into `model.llm` and `model.text_head` (spec/model.md §7.2, §7.3): the text
+    head starts from the checkpoint's `lm_head`. Only the MMFS cross-attention keys may be missing."""
+    remapped, head = hf_llama_filter(read_state_dict(path), model, generator, str(path))
+    report = load_weights(model.llm, remapped.state, source=str(path), allow_missing=("layers.*.llama_cross_attn.",),
+                          origin=remapped.origin, hints={"missing": "the LLaMA checkpoint lacks them"})
     cfg = model.config
-    emb = llm_state.pop("embed_tokens.weight")
-    std = model.llm.config.initializer_range
-    with torch.no_grad():
-        grown = torch.empty(cfg.text_vocab_size, emb.shape[1], dtype=emb.dtype)
-        grown.normal_(0.0, std, generator=generator)
-        n = min(emb.shape[0], cfg.text_vocab_size)
-        grown[:n] = emb[:n]
-    llm_state["embed_tokens.weight"] = grown
-    report = assign(model.llm, llm_state, str(path))
-    unexpected_missing = [k for k in report.missing if "llama_cross_attn" not in k]
-    if unexpected_missing:
-        raise CheckpointError(f"{path}: the LLaMA checkpoint lacks {unexpected_missing[:8]}")
-    head = state.get("lm_head.weight", emb)  # tied embeddings if no lm_head
     if head.shape[0] < cfg.base_vocab_size:
         raise CheckpointError(
-            f"{path}: lm_head has {head.shape[0]} rows, fewer than base_vocab_size={cfg.base_vocab_size}"
-        )
+            f"{path}: lm_head has {head.shape[0]} rows, fewer than base_vocab_size={cfg.base_vocab_size}")
     model.text_head.init_from_lm_head(head)
-    report.ignored = ignored
+    report.ignored, report.notes, report.kind = remapped.ignored, remapped.notes, remapped.kind
     report.loaded.append("lm_head.weight -> text_head")
     return report
 
 
-# --------------------------------------------------------------------------- original checkpoint
+# ------------------------------------------------------------------------------ original DEEM / MM-Interleaved
 
-# (original prefix, our prefix); None drops the keys. First match wins.
-ORIGINAL_KEY_MAP: list[tuple[str, str | None]] = [
+# (checkpoint key, our key) pairs, first match wins. An entry ending in "." maps a prefix (the rest of the key
+# is kept), any other entry one exact key; None drops the keys on purpose (DROPPED says why). Written from the
+# module trees of `MMInterleaved` in uni_interleaved/models/ (DEEM) and mm_interleaved/models/ (MM-Interleaved).
+_CONVNEXT = "visual_tokenizer.sniffer.vision_model."  # CLIPVisionAdapterModel.vision_model
+_SD_MODULES = ("unet", "vae", "mmfs_module")  # StableDiffusion's sub-modules (its noise scheduler has no weights)
+_SAME_TOKENIZER = ("pos_proj.", "pos_ln.", "post_ln.", "perceiver_resampler.")
+
+
+def _same(prefix: str, names: Sequence[str]) -> list[tuple[str, str]]:
+    return [(prefix + n, prefix + n) for n in names]
+
+
+_COMMON: list[tuple[str, str | None]] = [
     ("mm_decoder.", "llm."),
     ("text_decoder.head_new.", "text_head.head_new."),
     ("text_decoder.head.", "text_head.head."),
-    ("visual_tokenizer.sniffer.vision_model.visual.trunk.", "visual_tokenizer.sniffer.trunk."),
-    ("visual_tokenizer.sniffer.vision_model.visual.", None),  # the unused open_clip projection head
-    ("visual_tokenizer.sniffer.vision_model.adapter_", "visual_tokenizer.sniffer.adapter_"),
-    ("visual_tokenizer.sniffer.vision_model.post_layernorm.", None),  # identity in the original
-    ("visual_tokenizer.pos_embed", "visual_tokenizer.sniffer.pos_embed"),
-    ("visual_tokenizer.encoder.", "diffusion."),
-    ("visual_tokenizer.neg_prompt_embeds", "image_decoder.neg_prompt_embeds"),
-    ("visual_tokenizer.", "visual_tokenizer."),
-    ("image_decoder.decoder.", None),  # the same SD instance as visual_tokenizer.encoder
-    ("image_decoder.", "image_decoder."),
+    ("visual_tokenizer.pos_embed", "visual_tokenizer.sniffer.pos_embed"),  # a frozen Parameter there, a buffer here
+    ("visual_tokenizer.clip_mean", "visual_tokenizer.sniffer.clip_mean"),  # persistent buffers of the tokenizer
+    ("visual_tokenizer.clip_std", "visual_tokenizer.sniffer.clip_std"),
+    *_same("visual_tokenizer.", _SAME_TOKENIZER),
+]
+_TAIL: list[tuple[str, str | None]] = [
+    *_same("image_decoder.", ("perceiver_resampler.", "neg_prompt_embeds")),
     ("context_feat_proj.", "context_feat_proj."),
     ("soi_token", "soi_token"),
 ]
 
+ORIGINAL_KEY_MAP: list[tuple[str, str | None]] = [
+    *_COMMON,
+    (_CONVNEXT + "visual.trunk.", "visual_tokenizer.sniffer.trunk."),
+    (_CONVNEXT + "visual.head.", None),
+    *((f"{_CONVNEXT}adapter_{n}.", f"visual_tokenizer.sniffer.adapter_{n}.") for n in ("c2", "c3", "c4", "c5", "cls")),
+    *_same("visual_tokenizer.", ("proj_t.", "proj_i.", "feature_extractor.mask_linear.",
+                                 "feature_extractor.mask_feat_linear.")),
+    *((f"visual_tokenizer.encoder.{m}.", f"diffusion.{m}.") for m in _SD_MODULES),
+    # the ImageDecoder's negative prompt, also attached to the tokenizer: one tensor under two names
+    ("visual_tokenizer.neg_prompt_embeds", "image_decoder.neg_prompt_embeds"),
+    # DEEM's ImageDecoder does not store the SD; a checkpoint that also has it there (MM-Interleaved's place) must
+    # hold the same tensors as visual_tokenizer.encoder.* (checked)
+    *((f"image_decoder.decoder.{m}.", f"diffusion.{m}.") for m in _SD_MODULES),
+    *_TAIL,
+]
+"""Original DEEM (every stage) -> deem. docs/model.md explains each line."""
 
-def map_original_key(key: str) -> str | None:
-    for old, new in ORIGINAL_KEY_MAP:
-        if key.startswith(old):
-            return None if new is None else new + key[len(old) :]
-    raise CheckpointError(f"original checkpoint key {key!r} matches no entry of ORIGINAL_KEY_MAP")
+MM_INTERLEAVED_KEY_MAP: list[tuple[str, str | None]] = [
+    *_COMMON,
+    ("visual_tokenizer.proj.", "visual_tokenizer.proj_t."),  # the resampler -> LLM projection
+    *((f"image_decoder.decoder.{m}.", f"diffusion.{m}.") for m in _SD_MODULES),
+    *_TAIL,
+]
+"""MM-Interleaved -> deem, for every module deem implements (its image encoder is refused: detect_original_layout)."""
+
+DROPPED = {_CONVNEXT + "visual.head.": "the open_clip projection head, which DEEM never uses"}
+
+# our prefixes of modules the original always creates but deem builds only with the diffusion model / image
+# decoder: consumed, with a note, when the target configuration (sft_referring) does not build them
+BUILT_WITH_DIFFUSION = {
+    "visual_tokenizer.proj_i.": "the sniffer's projection to the diffusion model",
+    "context_feat_proj.": "the image decoder's context projection",
+}
+_VIT_SNIFFER = ("DEEM's CLIP-ViT + ViT-Adapter sniffer (the 'openai' sniffer path), which deem does not implement "
+                "(deem's sniffer is the ConvNeXt)")
+_VIT_ENCODER = ("MM-Interleaved's CLIP-ViT-L/14 + ViT-Adapter image encoder, which deem does not implement (deem's "
+                "image encoder is the ConvNeXt sniffer)")
+ROPE_KEY = "mm_decoder.layers.*.self_attn.rotary_emb.inv_freq"  # persistent in transformers 4.31's LLaMA
 
 
-def load_original_checkpoint(model, path: str | Path) -> LoadReport:
-    """An original DEEM / MM-Interleaved checkpoint (`pytorch_model.bin`, or safetensors) through
-    `ORIGINAL_KEY_MAP`. Keys of modules this configuration does not build are errors; parameters the
-    checkpoint lacks are reported (e.g. the diffusion model of an sft_referring checkpoint)."""
-    state = read_state_dict(path)
-    mapped: dict[str, torch.Tensor] = {}
-    ignored = []
+@dataclass(frozen=True)
+class OriginalLayout:
+    """What an original checkpoint is: its key map and the parts deem cannot load (prefix -> why)."""
+
+    name: str
+    description: str
+    key_map: list[tuple[str, str | None]]
+    unsupported: Mapping[str, str]
+
+
+def detect_original_layout(keys, source: str = "<state dict>") -> OriginalLayout:
+    """Tell an original DEEM checkpoint (and its stage's layout) from an MM-Interleaved one by its keys."""
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has(_CONVNEXT + "visual.trunk."):
+        parts = ["ConvNeXt sniffer"]
+        parts.append("SD feedback" if has("visual_tokenizer.encoder.") else "no diffusion model")
+        if has("image_decoder."):
+            parts.append("image decoder")
+        if has("visual_tokenizer.feature_extractor."):
+            return OriginalLayout("deem_mask", f"original DEEM-MASK checkpoint (sft_referring: mask pooling, "
+                                  f"{', '.join(parts)})", ORIGINAL_KEY_MAP, {})
+        stages = "pretrain / sft_caption / sft_grounding / sft_vqa" if has("visual_tokenizer.encoder.") else "custom"
+        return OriginalLayout("deem", f"original DEEM checkpoint ({stages}: {', '.join(parts)})", ORIGINAL_KEY_MAP, {})
+    if has("visual_tokenizer.sniffer."):
+        return OriginalLayout("deem_vit", "original DEEM checkpoint with the CLIP-ViT sniffer", ORIGINAL_KEY_MAP,
+                              {"visual_tokenizer.sniffer.": _VIT_SNIFFER})
+    if has("visual_tokenizer.encoder.vision_model.") or has("visual_tokenizer.proj.") or has("image_decoder.decoder."):
+        return OriginalLayout("mm_interleaved", "MM-Interleaved checkpoint (CLIP-ViT-L/14 + ViT-Adapter encoder, SD "
+                              "inside the image decoder)", MM_INTERLEAVED_KEY_MAP,
+                              {"visual_tokenizer.encoder.": _VIT_ENCODER})
+    if has("mm_decoder."):
+        raise CheckpointError(f"{source}: cannot tell DEEM from MM-Interleaved: neither visual_tokenizer.sniffer.* "
+                              "(DEEM) nor visual_tokenizer.encoder.vision_model.* / visual_tokenizer.proj.* "
+                              "(MM-Interleaved) keys")
+    raise CheckpointError(f"{source}: not an original DEEM / MM-Interleaved checkpoint (no mm_decoder.* keys; "
+                          f"e.g. {keys[:5]})")
+
+
+def _rule(key: str, key_map: list[tuple[str, str | None]]) -> tuple[str, str | None] | None:
+    for old, new in key_map:
+        if key.startswith(old) if old.endswith(".") else key == old:
+            return old, new
+    return None
+
+
+def map_original_key(key: str, key_map: list[tuple[str, str | None]] = ORIGINAL_KEY_MAP) -> str | None:
+    """Our name for one original checkpoint key (None: dropped on purpose)."""
+    rule = _rule(key, key_map)
+    if rule is None:
+        raise CheckpointError(f"original checkpoint key {key!r} matches no entry of the key map")
+    old, new = rule
+    return None if new is None else new + key[len(old):]
+
+
+def original_checkpoint_filter(state: Mapping[str, torch.Tensor], model, drop: Sequence[str] = (),
+                               source: str = "<state dict>") -> Remapped:
+    """An original DEEM / MM-Interleaved state dict under `model`'s key names.
+
+    Every key is mapped, deliberately consumed (RoPE buffers, checked; the unused open_clip head; the
+    projections of modules this configuration does not build), dropped because `drop` names it, or an error:
+    keys of modules deem does not implement are refused with the reason, keys no map entry covers are named."""
+    layout = detect_original_layout(state, source)
+    out = Remapped(kind=layout.description)
+    own = list(model.state_dict())
+    reasons: dict[str, list[str]] = {}
+    unsupported: dict[str, list[str]] = {}
+    unmatched: list[str] = []
     for key, value in state.items():
-        new = map_original_key(key)
-        if new is None:
-            ignored.append(key)
+        if matches(key, drop):
+            reasons.setdefault("discarded by drop=", []).append(key)
             continue
-        if new in mapped and not torch.equal(mapped[new], value):
-            raise CheckpointError(f"{path}: two original keys map to {new} with different values")
-        mapped[new] = value
-    report = assign(model, mapped, str(path))
-    report.ignored = sorted(ignored)
+        bad = next((p for p in layout.unsupported if key.startswith(p)), None)
+        if bad is not None:
+            unsupported.setdefault(bad, []).append(key)
+            continue
+        if fnmatchcase(key, ROPE_KEY):
+            _check_rope(model, key, value, source)
+            reasons.setdefault("rotary_emb.inv_freq buffers: recomputed by the model (values checked)", []).append(key)
+            continue
+        rule = _rule(key, layout.key_map)
+        if rule is None:
+            unmatched.append(key)
+            continue
+        old, new = rule
+        if new is None:
+            reasons.setdefault(f"{old}*: {DROPPED[old]}", []).append(key)
+            continue
+        target = new + key[len(old):]
+        unbuilt = next((p for p in BUILT_WITH_DIFFUSION if target.startswith(p)), None)
+        if unbuilt is not None and not any(k.startswith(unbuilt) for k in own):
+            reasons.setdefault(f"{old}*: {BUILT_WITH_DIFFUSION[unbuilt]}, which this configuration (stage "
+                               f"{getattr(model.config, 'stage', '?')}) does not build", []).append(key)
+            continue
+        if target in out.state:
+            if not torch.equal(out.state[target], value):
+                raise CheckpointError(f"{source}: {out.origin[target]} and {key} both map to {target} but differ")
+            star = "*" if old.endswith(".") else ""
+            reasons.setdefault(f"a second copy of what is loaded as {new}{star} (checked equal)", []).append(key)
+            continue
+        out.state[target] = value
+        out.origin[target] = key
+    if unsupported:
+        parts = [f"{p}* ({len(ks)} keys, e.g. {ks[0]}) is {layout.unsupported[p]}" for p, ks in unsupported.items()]
+        raise CheckpointError(
+            f"{source}: {layout.description}: " + "; ".join(parts) + ". Nothing was loaded; to load the other "
+            f"modules anyway, pass drop={sorted(unsupported)} (those modules keep their own weights)")
+    if unmatched:
+        raise CheckpointError(f"{source}: {layout.description}: {len(unmatched)} keys match no entry of the key "
+                              f"map: {sorted(unmatched)[:8]}")
+    for why, keys in reasons.items():
+        out.ignored.extend(keys)
+        out.notes.append(f"{len(keys)} keys ignored: {why}")
+    out.ignored.sort()
+    return out
+
+
+def load_original_checkpoint(model, path: str | Path, *, drop: Sequence[str] = (),
+                             allow_missing: bool | Sequence[str] = True) -> LoadReport:
+    """An original DEEM (any stage) or MM-Interleaved checkpoint (`pytorch_model.bin`, sharded `.bin`, or
+    safetensors) into `model`, through :func:`original_checkpoint_filter`.
+
+    `drop` lists checkpoint prefixes to discard (e.g. MM-Interleaved's `visual_tokenizer.encoder.`, which deem
+    cannot load). Checkpoint keys of modules this configuration does not build are errors; model keys the
+    checkpoint lacks are reported (e.g. the diffusion model of a DEEM-MASK checkpoint), or errors where
+    `allow_missing` does not cover them."""
+    remapped = original_checkpoint_filter(read_state_dict(path), model, drop=drop, source=str(path))
+    stage = getattr(model.config, "stage", "?")
+    report = load_weights(model, remapped.state, source=str(path), allow_missing=allow_missing, origin=remapped.origin,
+                          hints={"unexpected": f"this configuration (stage {stage}) does not build their modules: "
+                                               "load into the matching stage, or discard them with drop=[prefix]"})
+    report.ignored, report.notes, report.kind = remapped.ignored, remapped.notes, remapped.kind
     return report

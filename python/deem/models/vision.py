@@ -35,6 +35,8 @@ from timm.models.convnext import ConvNeXt
 from torch import nn
 from transformers.utils import ModelOutput
 
+from deem.models.weights import LoadReport, Remapped, load_weights
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -331,30 +333,6 @@ OPEN_CLIP_TRUNK_PREFIX = "visual.trunk."
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-@dataclass
-class LoadReport:
-    """Outcome of :func:`load_open_clip_convnext` (trunk key names, i.e. without ``visual.trunk.``).
-
-    Attributes:
-        source: the file read (or ``"<state dict>"``).
-        loaded: trunk keys copied from the checkpoint.
-        missing: trunk keys absent from the checkpoint (left as they were).
-        unexpected: ``visual.trunk.*`` keys with no counterpart in the trunk (not loaded).
-        ignored: checkpoint keys outside ``visual.trunk.`` (text tower, projection head, ...).
-    """
-
-    source: str
-    loaded: list[str]
-    missing: list[str]
-    unexpected: list[str]
-    ignored: list[str]
-
-    @property
-    def ok(self) -> bool:
-        """True when every trunk key was loaded and none was unexpected."""
-        return not self.missing and not self.unexpected
-
-
 def _resolve_checkpoint(path: Path) -> Path:
     if path.is_dir():
         for name in OPEN_CLIP_FILES:
@@ -396,6 +374,28 @@ def _unwrap_state_dict(obj: Mapping[str, object]) -> dict[str, object]:
     return dict(obj)
 
 
+def open_clip_convnext_filter(trunk_state: Mapping[str, torch.Tensor], trunk: ConvNeXt,
+                              ignored: list[str] | None = None) -> Remapped:
+    """open_clip ``visual.trunk.<k>`` keys -> timm ConvNeXt keys ``<k>`` (the key-remapping step of loading).
+
+    timm's own ``convnext.checkpoint_filter_fn`` recognises the open_clip layout (by ``visual.trunk.stem.0.weight``)
+    and strips the prefix; it is given the trunk keys only, so that it does not turn the CLIP projection head
+    into a classifier (DEEM's trunk has none). `ignored` are the checkpoint's other keys (text tower, head)."""
+    from timm.models.convnext import checkpoint_filter_fn
+
+    trunk_state = {k: v for k, v in trunk_state.items() if k.startswith(OPEN_CLIP_TRUNK_PREFIX)}
+    if OPEN_CLIP_TRUNK_PREFIX + "stem.0.weight" in trunk_state:
+        state = dict(checkpoint_filter_fn(trunk_state, trunk))
+    else:  # no stem: timm would take it for a Facebook checkpoint; strip the prefix so the gap is reported
+        state = {k[len(OPEN_CLIP_TRUNK_PREFIX) :]: v for k, v in trunk_state.items()}
+    out = Remapped(state=state, origin={k: OPEN_CLIP_TRUNK_PREFIX + k for k in state}, kind="open_clip ConvNeXt")
+    out.ignored = list(ignored or [])
+    if out.ignored:
+        out.notes.append(f"{len(out.ignored)} keys outside {OPEN_CLIP_TRUNK_PREFIX}* ignored (text tower, "
+                         "projection head: unused by DEEM)")
+    return out
+
+
 def load_open_clip_convnext(
     target: ConvNeXtSniffer | ConvNeXt,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -409,9 +409,10 @@ def load_open_clip_convnext(
             file (only the trunk tensors are read), a directory holding one of them, or a state dict.
         strict: raise if trunk keys are missing or unexpected (they are always reported).
 
-    Only ``visual.trunk.<k>`` keys are used, as trunk key ``<k>``; the text tower, ``visual.head.*``
-    (the projection head, unused by DEEM) and everything else are reported as ``ignored``. Raises
-    ``ValueError`` naming the source and the keys when no trunk key exists or shapes disagree.
+    Only ``visual.trunk.<k>`` keys are used, as trunk key ``<k>`` (:func:`open_clip_convnext_filter`); the text
+    tower, ``visual.head.*`` (the projection head, unused by DEEM) and everything else are reported as
+    ``ignored``. The report's key names are the trunk's (without ``visual.trunk.``). Raises ``ValueError``
+    naming the source and the keys when no trunk key exists or shapes disagree.
     """
     trunk_module = target.trunk if isinstance(target, ConvNeXtSniffer) else target
     if isinstance(source, Mapping):
@@ -429,34 +430,11 @@ def load_open_clip_convnext(
             f"open_clip checkpoint {name}: no '{OPEN_CLIP_TRUNK_PREFIX}*' key (not an open_clip timm/ConvNeXt "
             f"vision tower?); {len(ignored)} keys found: {sample or 'none'}"
         )
-    for k, v in ckpt.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"open_clip checkpoint {name}: key {k} holds a {type(v).__name__}, not a tensor")
-
-    own = trunk_module.state_dict()
-    mapped = {k[len(OPEN_CLIP_TRUNK_PREFIX) :]: v for k, v in ckpt.items()}
-    unexpected = sorted(k for k in mapped if k not in own)
-    missing = sorted(k for k in own if k not in mapped)
-    mismatched = [
-        f"{OPEN_CLIP_TRUNK_PREFIX}{k}: checkpoint {tuple(v.shape)} vs trunk {tuple(own[k].shape)}"
-        for k, v in mapped.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if mismatched:
-        raise ValueError(
-            f"open_clip checkpoint {name}: {len(mismatched)} shape mismatch(es) with the ConvNeXt trunk "
-            f"(wrong model size?): " + "; ".join(mismatched[:10]) + ("; ..." if len(mismatched) > 10 else "")
-        )
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"open_clip checkpoint {name}: trunk keys missing from the checkpoint: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}; unexpected trunk keys: {unexpected[:10]}"
-            f"{' ...' if len(unexpected) > 10 else ''} (pass strict=False to load the rest)"
-        )
-    to_load = {k: v for k, v in mapped.items() if k in own}
-    on_meta = any(t.is_meta for t in own.values())
-    if on_meta:
-        # assign=True keeps the checkpoint's dtype; match the module's so a meta build behaves alike.
-        to_load = {k: v.to(own[k].dtype) for k, v in to_load.items()}
-    trunk_module.load_state_dict(to_load, strict=False, assign=on_meta)
-    return LoadReport(source=name, loaded=sorted(to_load), missing=missing, unexpected=unexpected, ignored=ignored)
+    remapped = open_clip_convnext_filter(ckpt, trunk_module, ignored)
+    report = load_weights(
+        trunk_module, remapped.state, source=f"open_clip checkpoint {name}", strict=strict, origin=remapped.origin,
+        hints={"shape": "wrong model size?", "unexpected": "pass strict=False to load the rest",
+               "missing": "pass strict=False to load the rest"},
+    )
+    report.source, report.ignored, report.notes, report.kind = name, remapped.ignored, remapped.notes, remapped.kind
+    return report

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from deem.data.tokenizer import DeemTokenizer
 from deem.models import DeemConfig, DeemModel, deem_7b, tiny, with_stage
-from deem.models.loading import CheckpointError, read_state_dict
+from deem.models.weights import load_weights, read_state_dict
 
 
 def tiny_config_for(tokenizer: DeemTokenizer, image_size: int) -> DeemConfig:
@@ -66,30 +64,11 @@ def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
 def init_from(model: DeemModel, spec) -> dict[str, Any]:
     """Load a previous stage's exported weights: every model key must come from the checkpoint unless listed
     in `allow_missing`; every checkpoint key must exist in the model unless listed in `drop` (prefixes)."""
-    state = read_state_dict(spec.path)
-    dropped = [k for k in state if any(k.startswith(p) for p in spec.drop)]
-    for k in dropped:
-        state.pop(k)
-    own = model.state_dict()
-    unexpected = sorted(k for k in state if k not in own)
-    if unexpected:
-        raise CheckpointError(
-            f"init_from {spec.path}: {len(unexpected)} keys this stage's model does not have, e.g. "
-            f"{unexpected[:5]}; list their prefixes in init_from.drop to discard them"
-        )
-    missing = sorted(k for k in own if k not in state and not any(k.startswith(p) for p in spec.allow_missing))
-    if missing:
-        raise CheckpointError(
-            f"init_from {spec.path}: {len(missing)} model keys are not in the checkpoint, e.g. "
-            f"{missing[:5]}; list their prefixes in init_from.allow_missing to keep them fresh"
-        )
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise CheckpointError(f"init_from {spec.path}: shape mismatch for {bad[:5]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v.to(own[k].dtype))
-    return {"loaded": len(state), "dropped": len(dropped), "fresh": sorted(k for k in own if k not in state)}
+    report = load_weights(
+        model, read_state_dict(spec.path), source=f"init_from {spec.path}", allow_missing=spec.allow_missing,
+        drop=spec.drop, hints={"unexpected": "list their prefixes in init_from.drop to discard them",
+                               "missing": "list their prefixes in init_from.allow_missing to keep them fresh"})
+    return {"loaded": len(report.loaded), "dropped": len(report.ignored), "fresh": report.missing}
 
 
 def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[str, Any]]:
@@ -134,12 +113,7 @@ def generated_frozen(model: DeemModel, train_cfg, report: dict[str, Any]) -> lis
 
 
 def load_frozen_init(model: DeemModel, path) -> None:
-    """Copy the weights of a run's `FROZEN_INIT_FILE` into `model`."""
+    """Copy the weights of a run's `FROZEN_INIT_FILE` into `model` (a subset of its parameters)."""
     from safetensors.torch import load_file
 
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(str(path)).items():
-            if name not in named:
-                raise CheckpointError(f"{path}: {name} is not a parameter of this model")
-            named[name].copy_(value.to(named[name].dtype))
+    load_weights(model, load_file(str(path)), source=str(path), params_only=True, allow_missing=True)

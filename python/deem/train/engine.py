@@ -18,6 +18,7 @@ import yaml
 
 from deem.models import DeemModel
 from deem.models.multimodal import num_text_targets
+from deem.models.weights import load_weights
 from deem.train.build import FROZEN_INIT_FILE, build_model, generated_frozen, load_frozen_init
 from deem.train.checkpoint import CheckpointManager, set_rng_state, write_atomic
 from deem.train.config import TrainConfig
@@ -159,10 +160,9 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = self.ckpt.load(path)
         unwrapped = self.acc.unwrap_model(self.model)
-        named = dict(unwrapped.named_parameters())
-        unknown = [name for name in state["weights"] if name not in named]
-        if unknown:
-            raise KeyError(f"{path}: weights {unknown[:5]} are not parameters of this model")
+        # every saved weight must be a parameter of this model; DeepSpeed's engine checkpoint restores them itself
+        load_weights(unwrapped, state["weights"], source=str(path), params_only=True, allow_missing=True,
+                     check_only=self.deepspeed)
         if self.deepspeed:  # the engine checkpoint restores the weights too (partitioned under ZeRO-3)
             self.model.load_checkpoint(
                 str(path / "deepspeed"),
@@ -172,9 +172,6 @@ class Trainer:
                 load_lr_scheduler_states=False,
             )
         else:
-            with torch.no_grad():
-                for name, value in state["weights"].items():
-                    named[name].copy_(value.to(named[name].dtype))
             if state["optimizer"] is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -438,10 +435,8 @@ def export_weights(run_dir: str | Path, out_dir: str | Path, checkpoint: str | N
     model, _ = build_model(cfg, tokenizer)
     if (run_dir / FROZEN_INIT_FILE).exists():
         load_frozen_init(model, run_dir / FROZEN_INIT_FILE)
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(str(path / "weights.safetensors")).items():
-            named[name].copy_(value.to(named[name].dtype))
+    weights = path / "weights.safetensors"
+    load_weights(model, load_file(str(weights)), source=str(weights), params_only=True, allow_missing=True)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
