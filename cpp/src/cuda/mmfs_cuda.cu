@@ -11,6 +11,7 @@
 #include "deem/mmfs.h"
 #include "dispatch.cuh"
 #include "grad_value_common.cuh"
+#include "point_loops.cuh"
 
 namespace deem {
 namespace cuda {
@@ -35,8 +36,8 @@ Dims make_dims(const MmfsProblem& pr, int group, int threads) {
   d.G = group;
   d.S = pr.image_len;
   d.threads = threads;
-  const int groups_per_block = threads / group;
-  d.q_blocks = (d.Lq + groups_per_block - 1) / groups_per_block;
+  const int64_t groups_per_block = threads / group;
+  d.q_blocks = static_cast<int>((pr.queries + groups_per_block - 1) / groups_per_block);  // Lq < 2^31: fits
   return d;
 }
 
@@ -107,30 +108,15 @@ __global__ void __launch_bounds__(kThreads)
                           grp.lane * V;
     for (int p0 = 0; p0 < d.P; p0 += d.G) {
       const int p = p0 + grp.lane;
-      acc my_x = 0, my_y = 0;
+      PointChunk<acc> chunk{0, 0, 0, min(d.G, d.P - p0)};  // one location for every level of the image
       if (p < d.P) {
-        my_x = xy[2 * p];
-        my_y = xy[2 * p + 1];
+        chunk.x = xy[2 * p];
+        chunk.y = xy[2 * p + 1];
       }
-      const int cnt = min(d.G, d.P - p0);
       for (int l = 0; l < d.L; ++l) {
-        const int H = levels.height[l], W = levels.width[l];
         const scalar_t* v_l = v_i + static_cast<int64_t>(levels.start[l]) * pix;
-        const acc my_a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
-#pragma unroll 2
-        for (int j = 0; j < cnt; ++j) {
-          const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
-          const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
-          acc vk[4][V];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk[k]);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const acc wk = a * b.weight[k];
-#pragma unroll
-            for (int c = 0; c < V; ++c) sum[c] = fma(wk, vk[k][c], sum[c]);
-          }
-        }
+        chunk.a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
+        accumulate_points<scalar_t>(grp, v_l, pix, levels.height[l], levels.width[l], chunk, sum);
       }
     }
   }
@@ -169,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
 
   acc g[V];
   {
-    acc tmp[V];
+    acc tmp[V];  // a separate load target keeps ptxas from spilling g (measured with -Xptxas -v)
     load_vec(grad_out + row * d.D + grp.lane * V, tmp);
 #pragma unroll
     for (int c = 0; c < V; ++c) g[c] = tmp[c];
@@ -200,63 +186,24 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* v_i = value + image_offset;
     for (int p0 = 0; p0 < d.P; p0 += d.G) {
       const int p = p0 + grp.lane;
-      acc my_x = 0, my_y = 0;
+      PointChunk<acc> chunk{0, 0, 0, min(d.G, d.P - p0)};  // one location for every level of the image
       if (p < d.P) {
-        my_x = xy[2 * p];
-        my_y = xy[2 * p + 1];
+        chunk.x = xy[2 * p];
+        chunk.y = xy[2 * p + 1];
       }
       acc my_dx = 0, my_dy = 0;
-      const int cnt = min(d.G, d.P - p0);
       for (int l = 0; l < d.L; ++l) {
         const int H = levels.height[l], W = levels.width[l];
         const int64_t level_offset = static_cast<int64_t>(levels.start[l]) * pix;
-        const scalar_t* v_l = v_i + level_offset;
-        const acc my_a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
-        acc my_ga = 0, my_gx = 0, my_gy = 0;
-#pragma unroll 2
-        for (int j = 0; j < cnt; ++j) {
-          const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
-          const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
-          acc ga = 0, gx = 0, gy = 0;
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            acc vk[V];
-            load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk);
-            acc dot = 0;
-#pragma unroll
-            for (int c = 0; c < V; ++c) dot = fma(g[c], vk[c], dot);
-            ga = fma(b.weight[k], dot, ga);
-            gx = fma(b.dx[k], dot, gx);
-            gy = fma(b.dy[k], dot, gy);
-          }
-          ga = grp.sum(ga);
-          gx = grp.sum(gx);
-          gy = grp.sum(gy);
-          if (grp.lane == j) {
-            my_ga = ga;
-            my_gx = gx;
-            my_gy = gy;
-          }
-          if constexpr (kAtomic) {
-            if (b.inside && a != acc(0)) {
-              acc* a_l = accum + image_offset + level_offset;
-#pragma unroll
-              for (int k = 0; k < 4; ++k) {
-                const acc wk = a * b.weight[k];
-                if (wk == acc(0)) continue;
-                acc t[V];
-#pragma unroll
-                for (int c = 0; c < V; ++c) t[c] = wk * g[c];
-                atomic_add_vec(a_l + static_cast<int64_t>(b.pixel[k]) * pix, t);
-              }
-            }
-          }
-        }
+        acc* accum_l = kAtomic ? accum + image_offset + level_offset : nullptr;
+        chunk.a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
+        const PointGrad<acc> pg = backprop_points<scalar_t, kAtomic>(grp, v_i + level_offset, accum_l, pix, H, W, g,
+                                                                     chunk);
         if (p < d.P) {
-          gz[l * d.P + p] = my_ga;  // G_j; turned into d(logit) once gbar is known
-          gbar = fma(my_a, my_ga, gbar);
-          my_dx = fma(my_a * my_gx, static_cast<acc>(W), my_dx);
-          my_dy = fma(my_a * my_gy, static_cast<acc>(H), my_dy);
+          gz[l * d.P + p] = pg.sample;  // G_j; turned into d(logit) once gbar is known
+          gbar = fma(chunk.a, pg.sample, gbar);
+          my_dx = fma(chunk.a * pg.dx, static_cast<acc>(W), my_dx);
+          my_dy = fma(chunk.a * pg.dy, static_cast<acc>(H), my_dy);
         }
       }
       if (p < d.P) {
@@ -340,14 +287,14 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   cuda::dispatch_value(pr.value_dtype, [&](auto vt) {
     using scalar_t = typename decltype(vt)::type;
-    using acc = cuda::acc_t<scalar_t>;
+    using acc = acc_t<scalar_t>;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.output, "output");
     cuda::require_aligned(args.ignore_token, "ignore_token");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
-    cuda::mmfs_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), d.threads, 0, stream>>>(
+    cuda::mmfs_forward_kernel<scalar_t><<<cuda::grid_blocks(blocks, "mmfs_forward"), d.threads, 0, stream>>>(
         static_cast<const scalar_t*>(args.value), static_cast<const acc*>(args.locations),
         static_cast<const acc*>(args.logits), args.visible, static_cast<const scalar_t*>(args.ignore_token),
         static_cast<scalar_t*>(args.output), static_cast<acc*>(args.lse), d, pr.levels);
@@ -373,7 +320,7 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
   strategy = mmfs_grad_value_strategy(pr, strategy);
   cuda::dispatch_value(pr.value_dtype, [&](auto vt) {
     using scalar_t = typename decltype(vt)::type;
-    using acc = cuda::acc_t<scalar_t>;
+    using acc = acc_t<scalar_t>;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.grad_output, "grad_output");
@@ -404,7 +351,8 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
       }
       cuda::check_cuda(cudaMemsetAsync(accum, 0, value_elems * sizeof(acc), stream), "cudaMemsetAsync");
       if (blocks > 0) {
-        cuda::mmfs_backward_kernel<scalar_t, true><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        cuda::mmfs_backward_kernel<scalar_t, true>
+            <<<cuda::grid_blocks(blocks, "mmfs_backward"), cuda::kThreads, 0, stream>>>(
             value, loc, logits, args.visible, ignore, lse, gout, accum, gloc, glogits, d, pr.levels);
         cuda::check_launch("mmfs_backward_kernel<atomic>");
       }
@@ -415,7 +363,8 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::mmfs_backward_kernel<scalar_t, false><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        cuda::mmfs_backward_kernel<scalar_t, false>
+            <<<cuda::grid_blocks(blocks, "mmfs_backward"), cuda::kThreads, 0, stream>>>(
             value, loc, logits, args.visible, ignore, lse, gout, nullptr, gloc, glogits, d, pr.levels);
         cuda::check_launch("mmfs_backward_kernel");
       }
@@ -427,7 +376,7 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
       const int64_t owner_blocks =
           pr.batch * pr.images * pr.heads * plan.groups.count * (pr.channels / plan.chunk);
       if (owner_blocks == 0) return;
-      kernel<<<static_cast<unsigned>(owner_blocks), cuda::kOwnerThreads, smem, stream>>>(
+      kernel<<<cuda::grid_blocks(owner_blocks, "mmfs_grad_value_owner"), cuda::kOwnerThreads, smem, stream>>>(
           loc, logits, args.visible, lse, gout, gvalue, d, plan.chunk, pr.levels, plan.groups);
       cuda::check_launch("mmfs_grad_value_owner_kernel");
     }

@@ -10,6 +10,7 @@
 #include "deem/msda.h"
 #include "dispatch.cuh"
 #include "grad_value_common.cuh"
+#include "point_loops.cuh"
 
 namespace deem {
 namespace cuda {
@@ -33,8 +34,8 @@ Dims make_dims(const MsdaProblem& pr, int group, int threads) {
   d.G = group;
   d.S = pr.value_len;
   d.threads = threads;
-  const int groups_per_block = threads / group;
-  d.q_blocks = (d.Lq + groups_per_block - 1) / groups_per_block;
+  const int64_t groups_per_block = threads / group;
+  d.q_blocks = static_cast<int>((pr.queries + groups_per_block - 1) / groups_per_block);  // Lq < 2^31: fits
   return d;
 }
 
@@ -62,32 +63,17 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = 0; c < V; ++c) sum[c] = acc(0);
 
   for (int l = 0; l < d.L; ++l) {
-    const int H = levels.height[l], W = levels.width[l];
     const scalar_t* v_l = v_nm + static_cast<int64_t>(levels.start[l]) * pix;
     for (int p0 = 0; p0 < d.P; p0 += d.G) {
       const int p = p0 + grp.lane;
-      acc my_x = 0, my_y = 0, my_a = 0;
+      PointChunk<acc> chunk{0, 0, 0, min(d.G, d.P - p0)};
       if (p < d.P) {
         const int idx = l * d.P + p;
-        my_x = loc_q[2 * idx];
-        my_y = loc_q[2 * idx + 1];
-        my_a = to_acc(w_q[idx]);
+        chunk.x = loc_q[2 * idx];
+        chunk.y = loc_q[2 * idx + 1];
+        chunk.a = to_acc(w_q[idx]);
       }
-      const int cnt = min(d.G, d.P - p0);
-#pragma unroll 2
-      for (int j = 0; j < cnt; ++j) {
-        const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
-        const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
-        acc vk[4][V];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk[k]);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const acc wk = a * b.weight[k];
-#pragma unroll
-          for (int c = 0; c < V; ++c) sum[c] = fma(wk, vk[k][c], sum[c]);
-        }
-      }
+      accumulate_points<scalar_t>(grp, v_l, pix, levels.height[l], levels.width[l], chunk, sum);
     }
   }
   store_vec(out + row * d.D + grp.lane * V, sum);
@@ -119,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
 
   acc g[V];
   {
-    acc tmp[V];
+    acc tmp[V];  // a separate load target keeps ptxas from spilling g (measured with -Xptxas -v)
     load_vec(grad_out + row * d.D + grp.lane * V, tmp);
 #pragma unroll
     for (int c = 0; c < V; ++c) g[c] = tmp[c];
@@ -129,61 +115,22 @@ __global__ void __launch_bounds__(kThreads)
     const int H = levels.height[l], W = levels.width[l];
     const int64_t level_offset = static_cast<int64_t>(levels.start[l]) * pix;
     const scalar_t* v_l = v_nm + level_offset;
+    acc* accum_l = kAtomic ? accum + nm_offset + level_offset : nullptr;
     for (int p0 = 0; p0 < d.P; p0 += d.G) {
       const int p = p0 + grp.lane;
-      acc my_x = 0, my_y = 0, my_a = 0;
+      PointChunk<acc> chunk{0, 0, 0, min(d.G, d.P - p0)};
       if (p < d.P) {
         const int idx = l * d.P + p;
-        my_x = loc_q[2 * idx];
-        my_y = loc_q[2 * idx + 1];
-        my_a = to_acc(w_q[idx]);
+        chunk.x = loc_q[2 * idx];
+        chunk.y = loc_q[2 * idx + 1];
+        chunk.a = to_acc(w_q[idx]);
       }
-      acc my_ga = 0, my_gx = 0, my_gy = 0;
-      const int cnt = min(d.G, d.P - p0);
-#pragma unroll 2
-      for (int j = 0; j < cnt; ++j) {
-        const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
-        const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
-        acc ga = 0, gx = 0, gy = 0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          acc vk[V];
-          load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk);
-          acc dot = 0;
-#pragma unroll
-          for (int c = 0; c < V; ++c) dot = fma(g[c], vk[c], dot);
-          ga = fma(b.weight[k], dot, ga);
-          gx = fma(b.dx[k], dot, gx);
-          gy = fma(b.dy[k], dot, gy);
-        }
-        ga = grp.sum(ga);
-        gx = grp.sum(gx);
-        gy = grp.sum(gy);
-        if (grp.lane == j) {
-          my_ga = ga;
-          my_gx = gx;
-          my_gy = gy;
-        }
-        if constexpr (kAtomic) {
-          if (b.inside && a != acc(0)) {
-            acc* a_l = accum + nm_offset + level_offset;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const acc wk = a * b.weight[k];
-              if (wk == acc(0)) continue;
-              acc t[V];
-#pragma unroll
-              for (int c = 0; c < V; ++c) t[c] = wk * g[c];
-              atomic_add_vec(a_l + static_cast<int64_t>(b.pixel[k]) * pix, t);
-            }
-          }
-        }
-      }
+      const PointGrad<acc> pg = backprop_points<scalar_t, kAtomic>(grp, v_l, accum_l, pix, H, W, g, chunk);
       if (p < d.P) {
         const int idx = l * d.P + p;
-        gw_q[idx] = from_acc<weight_t>(my_ga);
-        gloc_q[2 * idx] = my_a * my_gx * static_cast<acc>(W);
-        gloc_q[2 * idx + 1] = my_a * my_gy * static_cast<acc>(H);
+        gw_q[idx] = from_acc<weight_t>(pg.sample);
+        gloc_q[2 * idx] = chunk.a * pg.dx * static_cast<acc>(W);
+        gloc_q[2 * idx + 1] = chunk.a * pg.dy * static_cast<acc>(H);
       }
     }
   }
@@ -254,8 +201,8 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
     cuda::require_aligned(args.output, "output");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
-    cuda::msda_forward_kernel<scalar_t, weight_t><<<static_cast<unsigned>(blocks), d.threads, 0, stream>>>(
-        static_cast<const scalar_t*>(args.value), static_cast<const cuda::acc_t<scalar_t>*>(args.locations),
+    cuda::msda_forward_kernel<scalar_t, weight_t><<<cuda::grid_blocks(blocks, "msda_forward"), d.threads, 0, stream>>>(
+        static_cast<const scalar_t*>(args.value), static_cast<const acc_t<scalar_t>*>(args.locations),
         static_cast<const weight_t*>(args.weights), static_cast<scalar_t*>(args.output), d, pr.levels);
     cuda::check_launch("msda_forward_kernel");
   });
@@ -281,7 +228,7 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
   cuda::dispatch_value_weight(pr.value_dtype, pr.weight_dtype, [&](auto vt, auto wt) {
     using scalar_t = typename decltype(vt)::type;
     using weight_t = typename decltype(wt)::type;
-    using acc = cuda::acc_t<scalar_t>;
+    using acc = acc_t<scalar_t>;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.grad_output, "grad_output");
@@ -309,7 +256,8 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
       }
       cuda::check_cuda(cudaMemsetAsync(accum, 0, value_elems * sizeof(acc), stream), "cudaMemsetAsync");
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, true><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        cuda::msda_backward_kernel<scalar_t, weight_t, true>
+            <<<cuda::grid_blocks(blocks, "msda_backward"), cuda::kThreads, 0, stream>>>(
             value, loc, w, gout, accum, gloc, gw, d, pr.levels);
         cuda::check_launch("msda_backward_kernel<atomic>");
       }
@@ -320,7 +268,8 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, false><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        cuda::msda_backward_kernel<scalar_t, weight_t, false>
+            <<<cuda::grid_blocks(blocks, "msda_backward"), cuda::kThreads, 0, stream>>>(
             value, loc, w, gout, nullptr, gloc, gw, d, pr.levels);
         cuda::check_launch("msda_backward_kernel");
       }
@@ -331,7 +280,7 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
                        "cudaFuncSetAttribute(owner kernel)");
       const int64_t owner_blocks = pr.batch * pr.heads * plan.groups.count * (pr.channels / plan.chunk);
       if (owner_blocks == 0) return;
-      kernel<<<static_cast<unsigned>(owner_blocks), cuda::kOwnerThreads, smem, stream>>>(
+      kernel<<<cuda::grid_blocks(owner_blocks, "msda_grad_value_owner"), cuda::kOwnerThreads, smem, stream>>>(
           loc, w, gout, gvalue, d, plan.chunk, pr.levels, plan.groups);
       cuda::check_launch("msda_grad_value_owner_kernel");
     }
