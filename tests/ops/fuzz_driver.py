@@ -12,6 +12,7 @@ Outcomes:
   unclean_error  another exception type, or a valid call refused
   crash / hang   the child died from a signal / stopped answering
   skipped        the case could not be built here (or needs an API this deem lacks)
+  harness_error  this driver failed on the case (its own bug)
 
     python tests/ops/fuzz_driver.py --cases 3000 --seed 0
     PYTHONPATH=/path/to/other/site python tests/ops/fuzz_driver.py ...   # fuzz another build
@@ -36,10 +37,12 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 INT32_MAX = 2**31 - 1
 FLOAT_DTYPES = ["float64", "float32", "float16", "bfloat16"]
+INDEX_NAMES = ("spatial_shapes", "level_start_index")
+DIFFERENTIABLE = ("value", "sampling_locations", "attention_weights", "attention_logits", "ignore_token")
 MSDA_ARGS = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"]
 MMFS_ARGS = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_logits",
              "image_visible", "ignore_token"]
-BAD_OUTCOMES = ("garbage", "unclean_error", "crash", "hang")
+BAD_OUTCOMES = ("garbage", "unclean_error", "crash", "hang", "harness_error")
 
 # Level tables at and beyond what the kernels index in int32; 274177 * 67280421310721 = 2^64 + 1 wraps to 1.
 HUGE_LEVELS = [
@@ -275,14 +278,15 @@ def build_args(case: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[st
     nonfinite = False
     all_meta = False
     replaced: set[str] = set()
+    replaced_by_non_tensor: set[str] = set()
+    shapes = {name: tuple(x.shape) for name, x in t.items() if isinstance(x, torch.Tensor)}
+    tables = {name: t[name].tolist() for name in INDEX_NAMES}
     for mut in case["mutations"]:
         if mut[0] == "nonfinite" and t["sampling_locations"].numel():
             flat = t["sampling_locations"].view(-1)
             gen = torch.Generator().manual_seed(case["seed"] + 1)
             flat[torch.randint(0, flat.numel(), (mut[2],), generator=gen)] = float(mut[1])
             nonfinite = True
-            if case["check_finite"]:
-                why.append("non-finite locations in check mode")
     for mut in case["mutations"]:
         kind, params = mut[0], mut[1:]
         if kind == "nonfinite":
@@ -292,10 +296,9 @@ def build_args(case: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[st
             continue
         if kind == "starts":
             starts = t["level_start_index"]
-            level = min(params[0], starts.numel() - 1)
-            if level >= 0:
+            level = min(params[0], starts.numel() - 1) if isinstance(starts, torch.Tensor) and starts.dim() == 1 else -1
+            if level >= 0 and starts.device.type == "cpu":
                 starts[level] += 1
-                why.append("inconsistent level_start_index")
             continue
         if kind == "ignore_shape":
             ign = t["ignore_token"]
@@ -305,7 +308,6 @@ def build_args(case: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[st
             how = params[0]
             t["ignore_token"] = (ign.t().contiguous() if how == "DM" else ign.reshape(-1) if how == "flat"
                                  else ign.reshape(1, 1, 1, -1) if how == "param" else torch.cat([ign, ign[:1]]))
-            why.append(f"ignore_token shaped {params[0]}")
             replaced.add("ignore_token")
             continue
         name = params[0]
@@ -321,6 +323,7 @@ def build_args(case: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[st
                        "list": (x.tolist() if x is not None and x.numel() < 1000 else [[1, 2]]),
                        "ndarray": (x.double().numpy() if x is not None and x.numel() < 1000 else np.zeros(3))}[sub]
             replaced.add(name)
+            replaced_by_non_tensor.add(name)
             why.append(f"{name} is not a tensor")
         elif kind == "meta":
             t[name] = x.to("meta")
@@ -329,24 +332,32 @@ def build_args(case: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[st
         elif kind == "layout":
             t[name] = _non_contiguous(x, params[1])
         elif kind == "dtype":
-            new = _torch_dtype(params[1])
-            reason = _dtype_reason(case["op"], name, vdt, x.dtype, new)
-            t[name] = x.to(new)
-            if reason:
-                why.append(reason)
+            t[name] = x.to(_torch_dtype(params[1]))
         elif kind == "shape":
-            y, changed = _reshape(x, params[1], params[2])
-            if changed:
-                why.append(f"{name} shape {params[1]}")
-                t[name] = y
-    why += [f"{name} not contiguous" for name, x in t.items() if isinstance(x, torch.Tensor) and not x.is_contiguous()]
+            t[name] = _reshape(x, params[1], params[2])
+    loc = t["sampling_locations"]
+    if (case["check_finite"] and isinstance(loc, torch.Tensor) and loc.device.type == "cpu"
+            and loc.dtype.is_floating_point and not torch.isfinite(loc).all()):
+        why.append("non-finite locations in check mode")
+    # reasons that depend only on the final arguments (mutations may undo each other)
+    for name, x in t.items():
+        if not isinstance(x, torch.Tensor) or name in replaced_by_non_tensor:
+            continue
+        if tuple(x.shape) != shapes[name]:
+            why.append(f"{name} shaped {tuple(x.shape)}, not {shapes[name]}")
+        if not x.is_contiguous():
+            why.append(f"{name} not contiguous")
+        if name in INDEX_NAMES and x.dtype not in (torch.int32, torch.int64):
+            why.append(f"{name} dtype {x.dtype}")
+        elif name in INDEX_NAMES and x.device.type == "cpu" and x.tolist() != tables[name]:
+            why.append(f"{name} values changed")  # a shifted start or a lossy cast: an inconsistent table
     if all_meta:
         for name, x in t.items():
             if isinstance(x, torch.Tensor):
                 t[name] = x.to("meta")
-    reference = {}
+    reference = {}  # the op casts every float argument (locations, weights, logits, ignore token) it accepts
     for name, x in t.items():
-        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype.is_floating_point:
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and name not in (*INDEX_NAMES, "image_visible"):
             reference[name] = x.detach().double().clone()
     if nonfinite and "sampling_locations" in reference:
         loc = reference["sampling_locations"]
@@ -355,35 +366,29 @@ def build_args(case: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[st
     return t, why, dict(reference=reference, all_meta=all_meta, nonfinite=nonfinite)
 
 
-def _dtype_reason(op: str, name: str, value_dtype, old, new) -> str | None:
-    import torch
-
-    if new == old:
-        return None
-    if name in ("spatial_shapes", "level_start_index"):
-        return None if new in (torch.int32, torch.int64) else f"{name} dtype {new}"
-    return None  # value/weights: see dtype_errors; locations, logits, visibility and ignore token are cast
-
-
 def _reshape(x, kind: str, dim: int):
+    """`x` with one dimension dropped, added or grown by one."""
     import torch
 
     if x.dim() == 0:
-        return x, False
+        return x
     d = dim % x.dim()
     if kind == "extra":
-        return x.unsqueeze(d), True
+        return x.unsqueeze(d)
     if kind == "drop":
-        if x.shape[d] == 0:
-            return x.sum(d).to(x.dtype), True
-        return x.select(d, 0).contiguous(), True
+        return x.sum(d).to(x.dtype) if x.shape[d] == 0 else x.select(d, 0).contiguous()
     shape = list(x.shape)
     shape[d] += 1
-    if x.numel() == 0 or x.shape[d] == 0:
-        return torch.zeros(shape, dtype=x.dtype), True
-    if shape[d] > 10_000:
-        return x, False
-    return torch.cat([x, x.narrow(d, 0, 1)], d), True
+    if x.numel() == 0:
+        return torch.zeros(shape, dtype=x.dtype) if _numel(shape) <= 4_000_000 else x
+    return torch.cat([x, x.narrow(d, 0, 1)], d)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 TOL_OUT = {"float64": 1e-9, "float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
@@ -402,6 +407,12 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     import deem.ops as ops
 
     result: dict[str, Any] = dict(id=case["id"])
+    if case["op"] == "harness_selftest":  # checks the crash and hang attribution of `run_cases`
+        if case["action"] == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if case["action"] == "hang":
+            time.sleep(3600)
+        return dict(result, outcome="correct")
     try:
         args, why, info = build_args(case)
     except (MemoryError, RuntimeError) as err:
@@ -420,7 +431,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if case["backward"]:
         for i, name in enumerate(names):
             x = call[i]
-            if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and name not in ("spatial_shapes",):
+            if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and name in DIFFERENTIABLE:
                 call[i] = x.detach().requires_grad_()
                 leaves.append((name, call[i]))
     try:
@@ -536,7 +547,11 @@ def child_main(cases_path: str, results_path: str, threads: int) -> int:
     with open(cases_path) as src, open(results_path, "a", buffering=1) as dst:
         for line in src:
             case = json.loads(line)
-            dst.write(json.dumps(run_case(case)) + "\n")
+            try:
+                result = run_case(case)
+            except Exception as err:  # a bug of this harness, reported as such
+                result = dict(id=case["id"], outcome="harness_error", detail=f"{type(err).__name__}: {err}"[:300])
+            dst.write(json.dumps(result) + "\n")
             dst.flush()
     return 0
 
@@ -544,47 +559,66 @@ def child_main(cases_path: str, results_path: str, threads: int) -> int:
 # ----------------------------------------------------------------------------------------- parent side
 
 def run_cases(cases: list[dict[str, Any]], batch: int = 200, python: str = sys.executable, threads: int = 2,
-              env: dict[str, str] | None = None, case_timeout: float = 20.0) -> list[dict[str, Any]]:
-    """Run `cases` (each with a unique "id") in child processes; returns one result per case, in order."""
+              env: dict[str, str] | None = None, case_timeout: float = 60.0,
+              startup_timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Run `cases` (each with a unique "id") in child processes; returns one result per case, in order.
+
+    A child that dies from a signal, or writes no result for `case_timeout` seconds, is charged to the first
+    case without a result; a fresh child resumes after that case."""
     results: dict[int, dict[str, Any]] = {}
     pending = list(cases)
     with tempfile.TemporaryDirectory(prefix="deem-fuzz-") as tmp:
         while pending:
             chunk = pending[:batch]
             cases_path, results_path = Path(tmp, "cases.jsonl"), Path(tmp, "results.jsonl")
+            stderr_path = Path(tmp, "stderr.txt")
             cases_path.write_text("".join(json.dumps(c) + "\n" for c in chunk))
             results_path.write_text("")
             cmd = [python, str(Path(__file__).resolve()), "--child", str(cases_path), str(results_path),
                    "--threads", str(threads)]
-            status, stderr = "ok", ""
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                      timeout=30 + case_timeout * len(chunk))
-                stderr = proc.stderr
-                if proc.returncode < 0:
-                    status = f"crash: {signal.Signals(-proc.returncode).name}"
-                elif proc.returncode != 0:
-                    status = f"crash: exit status {proc.returncode}"
-            except subprocess.TimeoutExpired as err:
-                status = "hang"
-                stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+            status = _supervise(cmd, env, results_path, len(chunk), stderr_path, case_timeout, startup_timeout)
+            stderr = stderr_path.read_text(errors="replace")
             done = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
             for r in done:
                 results[r["id"]] = r
             rest = chunk[len(done):]
-            if status != "ok" and not rest:
-                raise RuntimeError(f"fuzz child failed after its last case ({status}): {stderr[-2000:]}")
             if status == "ok" and rest:
                 raise RuntimeError(f"fuzz child stopped early without an error: {stderr[-2000:]}")
+            if status != "ok" and not rest:
+                raise RuntimeError(f"fuzz child failed after its last case ({status}): {stderr[-2000:]}")
             if rest:
-                if not done and "import" in stderr.lower() and "Traceback" in stderr:
-                    raise RuntimeError(f"fuzz child could not start: {stderr[-2000:]}")
+                if not done and "Traceback" in stderr and "run_case" not in stderr:
+                    raise RuntimeError(f"fuzz child could not start ({status}): {stderr[-2000:]}")
                 bad = rest[0]
                 outcome = "hang" if status == "hang" else "crash"
                 results[bad["id"]] = dict(id=bad["id"], outcome=outcome, detail=f"{status}; stderr: {stderr[-600:]}")
                 rest = rest[1:]
             pending = rest + pending[batch:]
     return [results[c["id"]] for c in cases]
+
+
+def _supervise(cmd: list[str], env: dict[str, str] | None, results_path: Path, n_cases: int, stderr_path: Path,
+               case_timeout: float, startup_timeout: float) -> str:
+    """Run one child to its end; 'ok', 'crash: SIGNAL', 'crash: exit status N' or 'hang'."""
+    with open(stderr_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        size, last, limit = 0, time.monotonic(), startup_timeout + case_timeout
+        while proc.poll() is None:
+            time.sleep(0.02)
+            now_size = results_path.stat().st_size
+            if now_size != size:
+                size, last = now_size, time.monotonic()
+                done = results_path.read_text().count("\n")
+                limit = case_timeout if done < n_cases else startup_timeout  # then only the exit is left
+            elif time.monotonic() - last > limit:
+                proc.kill()
+                proc.wait()
+                return "hang"
+    if proc.returncode < 0:
+        return f"crash: {signal.Signals(-proc.returncode).name}"
+    if proc.returncode != 0:
+        return f"crash: exit status {proc.returncode}"
+    return "ok"
 
 
 def summarise(cases: list[dict[str, Any]], results: list[dict[str, Any]]) -> tuple[dict[str, int], list[str]]:
@@ -616,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_cases(cases, batch=args.batch, threads=args.threads)
     counts, failures = summarise(cases, results)
     print(f"{len(cases)} cases in {time.perf_counter() - t0:.0f} s (seed {args.seed})")
-    for key in ("correct", "clean_error", "garbage", "unclean_error", "crash", "hang", "skipped"):
+    for key in ("correct", "clean_error", "garbage", "unclean_error", "crash", "hang", "skipped", "harness_error"):
         print(f"  {key:<14}{counts.get(key, 0):>7}")
     for line in failures[:args.show]:
         print(line)
