@@ -129,6 +129,35 @@ TensorArg workspace_for(py::handle workspace, const TensorArg& value, py::object
                     holder);
 }
 
+// The d(value) strategy that will run (CPU: owner, each thread owns its rows; CUDA: the kernels' choice) and,
+// where the atomic strategy with 16-bit values needs one, its fp32 workspace through `workspace`.
+template <typename Problem, typename Choose>
+GradValueStrategy resolve_strategy(const TensorArg& value, const Problem& pr, int requested, Choose&& choose,
+                                   py::handle workspace, TensorArg& accum, py::object& holder) {
+  GradValueStrategy chosen = requested_strategy(requested);
+  if (value.device != Device::kCUDA) return GradValueStrategy::kOwner;
+  {
+    deem::CudaDeviceGuard guard(value.device_id);
+    chosen = choose(pr, chosen);
+  }
+  if (chosen == GradValueStrategy::kAtomic && is_16bit(pr.value_dtype) && pr.batch > 0) {
+    accum = workspace_for(workspace, value, holder);
+  }
+  return chosen;
+}
+
+// Runs `cpu()` or, on the value's CUDA device, `cuda()` with the GIL released.
+template <typename Cpu, typename Cuda>
+void run_on_device(const TensorArg& value, Cpu&& cpu, Cuda&& cuda) {
+  py::gil_scoped_release release;
+  if (value.device == Device::kCPU) {
+    cpu();
+  } else {
+    deem::CudaDeviceGuard guard(value.device_id);
+    cuda();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // generic multi-scale deformable attention
 
@@ -194,13 +223,8 @@ void msda_forward(py::handle value_h, py::handle shapes_h, py::handle starts_h, 
                                    call.value, "[N, Lq, M, D]", out_holder);
   const deem::MsdaForwardArgs args{call.value.data, call.loc.data, call.weights.data, out.data};
   if (pr.batch * pr.queries == 0) return;
-  py::gil_scoped_release release;
-  if (call.value.device == Device::kCPU) {
-    deem::msda_forward_cpu(pr, args, num_threads);
-  } else {
-    deem::CudaDeviceGuard guard(call.value.device_id);
-    deem::msda_forward_cuda(pr, args, reinterpret_cast<void*>(stream));
-  }
+  run_on_device(call.value, [&] { deem::msda_forward_cpu(pr, args, num_threads); },
+                [&] { deem::msda_forward_cuda(pr, args, reinterpret_cast<void*>(stream)); });
 }
 
 // Returns the d(value) strategy that ran (CPU: owner, each thread owns its rows).
@@ -218,19 +242,10 @@ int msda_backward(py::handle value_h, py::handle shapes_h, py::handle starts_h, 
                                         call.value, "(same as sampling_locations)", holders[1]);
   const TensorArg grad_w = output_arg(grad_w_h, "grad_attention_weights", call.weights.shape, pr.weight_dtype,
                                       call.value, "(same as attention_weights)", holders[2]);
-  GradValueStrategy chosen = requested_strategy(strategy);
-  const bool cuda = call.value.device == Device::kCUDA;
-  if (!cuda) {
-    chosen = GradValueStrategy::kOwner;
-  } else {
-    deem::CudaDeviceGuard guard(call.value.device_id);
-    chosen = deem::msda_grad_value_strategy(pr, chosen);
-  }
   py::object holder;
   TensorArg accum;
-  if (cuda && chosen == GradValueStrategy::kAtomic && is_16bit(pr.value_dtype) && pr.batch > 0) {
-    accum = workspace_for(workspace, call.value, holder);
-  }
+  const GradValueStrategy chosen =
+      resolve_strategy(call.value, pr, strategy, deem::msda_grad_value_strategy, workspace, accum, holder);
   deem::MsdaBackwardArgs args;
   args.value = call.value.data;
   args.locations = call.loc.data;
@@ -240,13 +255,9 @@ int msda_backward(py::handle value_h, py::handle shapes_h, py::handle starts_h, 
   args.grad_value_accum = accum.present ? static_cast<float*>(accum.data) : nullptr;
   args.grad_locations = grad_loc.data;
   args.grad_weights = grad_w.data;
-  if (pr.batch == 0) return static_cast<int>(chosen);  // every gradient is empty
-  py::gil_scoped_release release;
-  if (!cuda) {
-    deem::msda_backward_cpu(pr, args, num_threads);
-  } else {
-    deem::CudaDeviceGuard guard(call.value.device_id);
-    deem::msda_backward_cuda(pr, args, chosen, reinterpret_cast<void*>(stream));
+  if (pr.batch > 0) {  // else every gradient is empty
+    run_on_device(call.value, [&] { deem::msda_backward_cpu(pr, args, num_threads); },
+                  [&] { deem::msda_backward_cuda(pr, args, chosen, reinterpret_cast<void*>(stream)); });
   }
   return static_cast<int>(chosen);
 }
@@ -331,13 +342,8 @@ void mmfs_forward(py::handle value_h, py::handle shapes_h, py::handle starts_h, 
   args.output = out.data;
   args.lse = lse.data;
   if (pr.batch * pr.queries == 0) return;
-  py::gil_scoped_release release;
-  if (call.value.device == Device::kCPU) {
-    deem::mmfs_forward_cpu(pr, args, num_threads);
-  } else {
-    deem::CudaDeviceGuard guard(call.value.device_id);
-    deem::mmfs_forward_cuda(pr, args, reinterpret_cast<void*>(stream));
-  }
+  run_on_device(call.value, [&] { deem::mmfs_forward_cpu(pr, args, num_threads); },
+                [&] { deem::mmfs_forward_cuda(pr, args, reinterpret_cast<void*>(stream)); });
 }
 
 // Returns the d(value) strategy that ran (CPU: owner).
@@ -359,19 +365,10 @@ int mmfs_backward(py::handle value_h, py::handle shapes_h, py::handle starts_h, 
                                         "(same as sampling_locations)", holders[1]);
   const TensorArg grad_logits = output_arg(grad_logits_h, "grad_attention_logits", call.logits.shape, op, call.value,
                                            "(same as attention_logits)", holders[2]);
-  GradValueStrategy chosen = requested_strategy(strategy);
-  const bool cuda = call.value.device == Device::kCUDA;
-  if (!cuda) {
-    chosen = GradValueStrategy::kOwner;
-  } else {
-    deem::CudaDeviceGuard guard(call.value.device_id);
-    chosen = deem::mmfs_grad_value_strategy(pr, chosen);
-  }
   py::object holder;
   TensorArg accum;
-  if (cuda && chosen == GradValueStrategy::kAtomic && is_16bit(pr.value_dtype) && pr.batch > 0) {
-    accum = workspace_for(workspace, call.value, holder);
-  }
+  const GradValueStrategy chosen =
+      resolve_strategy(call.value, pr, strategy, deem::mmfs_grad_value_strategy, workspace, accum, holder);
   deem::MmfsBackwardArgs args;
   args.value = call.value.data;
   args.locations = call.loc.data;
@@ -384,13 +381,9 @@ int mmfs_backward(py::handle value_h, py::handle shapes_h, py::handle starts_h, 
   args.grad_value_accum = accum.present ? static_cast<float*>(accum.data) : nullptr;
   args.grad_locations = grad_loc.data;
   args.grad_logits = grad_logits.data;
-  if (pr.batch == 0) return static_cast<int>(chosen);  // every gradient is empty
-  py::gil_scoped_release release;
-  if (!cuda) {
-    deem::mmfs_backward_cpu(pr, args, num_threads);
-  } else {
-    deem::CudaDeviceGuard guard(call.value.device_id);
-    deem::mmfs_backward_cuda(pr, args, chosen, reinterpret_cast<void*>(stream));
+  if (pr.batch > 0) {  // else every gradient is empty
+    run_on_device(call.value, [&] { deem::mmfs_backward_cpu(pr, args, num_threads); },
+                  [&] { deem::mmfs_backward_cuda(pr, args, chosen, reinterpret_cast<void*>(stream)); });
   }
   return static_cast<int>(chosen);
 }

@@ -153,6 +153,15 @@ inline void check_launch(const char* what) {
   }
 }
 
+// A grid's x dimension holds at most 2^31 - 1 blocks.
+inline unsigned grid_blocks(int64_t blocks, const char* kernel) {
+  if (blocks > 2147483647LL) {
+    throw ArgumentError(std::string(kernel) + ": the problem needs " + std::to_string(blocks) +
+                        " CUDA blocks, more than the grid holds (2^31 - 1); split the batch");
+  }
+  return static_cast<unsigned>(blocks);
+}
+
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("deem: ") + what + ": " + cudaGetErrorString(err));
 }

@@ -19,25 +19,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Dims {
-  int I, M, D, Lq, P, L, G, q_blocks;
-  int threads;
-  int64_t S;  // rows per image
+struct Dims : GroupDims {
+  int I;  // images; S counts the rows of one image
 };
 
 Dims make_dims(const MmfsProblem& pr, int group, int threads) {
   Dims d;
+  static_cast<GroupDims&>(d) =
+      group_dims(pr.heads, pr.channels, pr.queries, pr.points, pr.levels.count, pr.image_len, group, threads);
   d.I = static_cast<int>(pr.images);
-  d.M = static_cast<int>(pr.heads);
-  d.D = static_cast<int>(pr.channels);
-  d.Lq = static_cast<int>(pr.queries);
-  d.P = static_cast<int>(pr.points);
-  d.L = pr.levels.count;
-  d.G = group;
-  d.S = pr.image_len;
-  d.threads = threads;
-  const int64_t groups_per_block = threads / group;
-  d.q_blocks = static_cast<int>((pr.queries + groups_per_block - 1) / groups_per_block);  // Lq < 2^31: fits
   return d;
 }
 
@@ -84,10 +74,9 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (d.threads / d.G) + threadIdx.x / d.G;
-  if (q >= d.Lq) return;
-  const int n = nm / d.M, m = nm - n * d.M;
+  const GroupTask task = group_task(d.q_blocks, d.threads / d.G, d.G, d.M);
+  if (task.q >= d.Lq) return;
+  const int n = task.n, m = task.m, q = task.q;
   const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
   const int64_t row = nq * d.M + m;
   const uint8_t* vis = visible + nq * d.I;
@@ -142,10 +131,9 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
-  if (q >= d.Lq) return;
-  const int n = nm / d.M, m = nm - n * d.M;
+  const GroupTask task = group_task(d.q_blocks, kThreads / d.G, d.G, d.M);
+  if (task.q >= d.Lq) return;
+  const int n = task.n, m = task.m, q = task.q;
   const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
   const int64_t row = nq * d.M + m;
   const uint8_t* vis = visible + nq * d.I;
@@ -276,10 +264,6 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                      groups.row_begin[gi], levels);
 }
 
-int owner_budget() {
-  return std::min(max_dynamic_smem_bytes() - 4096, 200 * 1024) - static_cast<int>(owner_stage_bytes(kOwnerThreads));
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -303,15 +287,7 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
 }
 
 GradValueStrategy mmfs_grad_value_strategy(const MmfsProblem& pr, GradValueStrategy requested) {
-  if (pr.value_dtype == DType::kFloat64) return GradValueStrategy::kAtomic;
-  const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-  if (requested == GradValueStrategy::kOwner) {
-    if (!plan.feasible) throw ArgumentError("grad_value strategy 'owner' does not fit this problem in shared memory");
-    return GradValueStrategy::kOwner;
-  }
-  if (requested == GradValueStrategy::kAtomic) return GradValueStrategy::kAtomic;
-  if (plan.feasible && plan.chunk * 4 >= pr.channels) return GradValueStrategy::kOwner;
-  return GradValueStrategy::kAtomic;
+  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, requested);
 }
 
 void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, GradValueStrategy strategy,
@@ -327,58 +303,38 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
     cuda::require_aligned(args.ignore_token, "ignore_token");
     cuda::require_aligned(args.grad_value_accum, "grad_value_accum");
     const int64_t value_elems = pr.batch * pr.images * pr.image_len * pr.heads * pr.channels;
-    const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
+    const unsigned blocks = cuda::grid_blocks(static_cast<int64_t>(pr.batch) * d.M * d.q_blocks, "mmfs_backward");
     const auto* value = static_cast<const scalar_t*>(args.value);
     const auto* loc = static_cast<const acc*>(args.locations);
     const auto* logits = static_cast<const acc*>(args.logits);
     const auto* ignore = static_cast<const scalar_t*>(args.ignore_token);
     const auto* lse = static_cast<const acc*>(args.lse);
     const auto* gout = static_cast<const scalar_t*>(args.grad_output);
-    auto* gvalue = static_cast<scalar_t*>(args.grad_value);
     auto* gloc = static_cast<acc*>(args.grad_locations);
     auto* glogits = static_cast<acc*>(args.grad_logits);
 
     if (strategy == GradValueStrategy::kAtomic) {
-      constexpr bool direct = std::is_same_v<scalar_t, acc>;
-      acc* accum = nullptr;
-      if constexpr (direct) {
-        accum = reinterpret_cast<acc*>(gvalue);
-      } else {
-        if (args.grad_value_accum == nullptr) {
-          throw ArgumentError("grad_value_accum: the atomic strategy needs a float32 workspace shaped like value");
-        }
-        accum = args.grad_value_accum;
-      }
-      cuda::check_cuda(cudaMemsetAsync(accum, 0, value_elems * sizeof(acc), stream), "cudaMemsetAsync");
+      acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::mmfs_backward_kernel<scalar_t, true>
-            <<<cuda::grid_blocks(blocks, "mmfs_backward"), cuda::kThreads, 0, stream>>>(
+        cuda::mmfs_backward_kernel<scalar_t, true><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, logits, args.visible, ignore, lse, gout, accum, gloc, glogits, d, pr.levels);
         cuda::check_launch("mmfs_backward_kernel<atomic>");
       }
-      if constexpr (!direct) cuda::launch_cast_accum<scalar_t>(accum, gvalue, value_elems, stream);
+      cuda::finish_atomic<scalar_t>(accum, args.grad_value, value_elems, stream);
       return;
     }
     if constexpr (std::is_same_v<scalar_t, double>) {
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::mmfs_backward_kernel<scalar_t, false>
-            <<<cuda::grid_blocks(blocks, "mmfs_backward"), cuda::kThreads, 0, stream>>>(
+        cuda::mmfs_backward_kernel<scalar_t, false><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, logits, args.visible, ignore, lse, gout, nullptr, gloc, glogits, d, pr.levels);
         cuda::check_launch("mmfs_backward_kernel");
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-      const size_t smem = plan.smem_bytes() + cuda::owner_stage_bytes(cuda::kOwnerThreads);
-      auto kernel = cuda::mmfs_grad_value_owner_kernel<scalar_t>;
-      cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                       "cudaFuncSetAttribute(owner kernel)");
-      const int64_t owner_blocks =
-          pr.batch * pr.images * pr.heads * plan.groups.count * (pr.channels / plan.chunk);
-      if (owner_blocks == 0) return;
-      kernel<<<cuda::grid_blocks(owner_blocks, "mmfs_grad_value_owner"), cuda::kOwnerThreads, smem, stream>>>(
-          loc, logits, args.visible, lse, gout, gvalue, d, plan.chunk, pr.levels, plan.groups);
-      cuda::check_launch("mmfs_grad_value_owner_kernel");
+      cuda::launch_owner(cuda::mmfs_grad_value_owner_kernel<scalar_t>, plan, pr.batch * pr.images * pr.heads,
+                         pr.channels, "mmfs_grad_value_owner_kernel", stream, loc, logits, args.visible, lse, gout,
+                         static_cast<scalar_t*>(args.grad_value), d, plan.chunk, pr.levels, plan.groups);
     }
   });
 }

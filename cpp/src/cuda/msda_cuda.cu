@@ -18,25 +18,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Dims {
-  int M, D, Lq, P, L, G, q_blocks;
-  int threads;
-  int64_t S;
-};
+using Dims = GroupDims;
 
 Dims make_dims(const MsdaProblem& pr, int group, int threads) {
-  Dims d;
-  d.M = static_cast<int>(pr.heads);
-  d.D = static_cast<int>(pr.channels);
-  d.Lq = static_cast<int>(pr.queries);
-  d.P = static_cast<int>(pr.points);
-  d.L = pr.levels.count;
-  d.G = group;
-  d.S = pr.value_len;
-  d.threads = threads;
-  const int64_t groups_per_block = threads / group;
-  d.q_blocks = static_cast<int>((pr.queries + groups_per_block - 1) / groups_per_block);  // Lq < 2^31: fits
-  return d;
+  return group_dims(pr.heads, pr.channels, pr.queries, pr.points, pr.levels.count, pr.value_len, group, threads);
 }
 
 template <typename scalar_t, typename weight_t>
@@ -47,10 +32,9 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (d.threads / d.G) + threadIdx.x / d.G;
-  if (q >= d.Lq) return;
-  const int n = nm / d.M, m = nm - n * d.M;
+  const GroupTask task = group_task(d.q_blocks, d.threads / d.G, d.G, d.M);
+  if (task.q >= d.Lq) return;
+  const int n = task.n, m = task.m, q = task.q;
   const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
   const int64_t LP = static_cast<int64_t>(d.L) * d.P;
   const acc* loc_q = loc + row * LP * 2;
@@ -89,10 +73,9 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
-  if (q >= d.Lq) return;
-  const int n = nm / d.M, m = nm - n * d.M;
+  const GroupTask task = group_task(d.q_blocks, kThreads / d.G, d.G, d.M);
+  if (task.q >= d.Lq) return;
+  const int n = task.n, m = task.m, q = task.q;
   const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
   const int64_t LP = static_cast<int64_t>(d.L) * d.P;
   const acc* loc_q = loc + row * LP * 2;
@@ -184,10 +167,6 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                      groups.row_begin[gi], levels);
 }
 
-int owner_budget() {
-  return std::min(max_dynamic_smem_bytes() - 4096, 200 * 1024) - static_cast<int>(owner_stage_bytes(kOwnerThreads));
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -209,16 +188,7 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
 }
 
 GradValueStrategy msda_grad_value_strategy(const MsdaProblem& pr, GradValueStrategy requested) {
-  if (pr.value_dtype == DType::kFloat64) return GradValueStrategy::kAtomic;  // fp64 has no shared-memory variant
-  const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-  if (requested == GradValueStrategy::kOwner) {
-    if (!plan.feasible) throw ArgumentError("grad_value strategy 'owner' does not fit this problem in shared memory");
-    return GradValueStrategy::kOwner;
-  }
-  if (requested == GradValueStrategy::kAtomic) return GradValueStrategy::kAtomic;
-  // Auto: ownership pays when one chunk covers at least a quarter of the head (few redundant scans).
-  if (plan.feasible && plan.chunk * 4 >= pr.channels) return GradValueStrategy::kOwner;
-  return GradValueStrategy::kAtomic;
+  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, requested);
 }
 
 void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, GradValueStrategy strategy,
@@ -234,55 +204,36 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
     cuda::require_aligned(args.grad_output, "grad_output");
     cuda::require_aligned(args.grad_value_accum, "grad_value_accum");
     const int64_t value_elems = pr.batch * pr.value_len * pr.heads * pr.channels;
-    const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
+    const unsigned blocks = cuda::grid_blocks(static_cast<int64_t>(pr.batch) * d.M * d.q_blocks, "msda_backward");
     const auto* value = static_cast<const scalar_t*>(args.value);
     const auto* loc = static_cast<const acc*>(args.locations);
     const auto* w = static_cast<const weight_t*>(args.weights);
     const auto* gout = static_cast<const scalar_t*>(args.grad_output);
-    auto* gvalue = static_cast<scalar_t*>(args.grad_value);
     auto* gloc = static_cast<acc*>(args.grad_locations);
     auto* gw = static_cast<weight_t*>(args.grad_weights);
 
     if (strategy == GradValueStrategy::kAtomic) {
-      constexpr bool direct = std::is_same_v<scalar_t, acc>;
-      acc* accum = nullptr;
-      if constexpr (direct) {
-        accum = reinterpret_cast<acc*>(gvalue);
-      } else {
-        if (args.grad_value_accum == nullptr) {
-          throw ArgumentError("grad_value_accum: the atomic strategy needs a float32 workspace shaped like value");
-        }
-        accum = args.grad_value_accum;
-      }
-      cuda::check_cuda(cudaMemsetAsync(accum, 0, value_elems * sizeof(acc), stream), "cudaMemsetAsync");
+      acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, true>
-            <<<cuda::grid_blocks(blocks, "msda_backward"), cuda::kThreads, 0, stream>>>(
+        cuda::msda_backward_kernel<scalar_t, weight_t, true><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, w, gout, accum, gloc, gw, d, pr.levels);
         cuda::check_launch("msda_backward_kernel<atomic>");
       }
-      if constexpr (!direct) cuda::launch_cast_accum<scalar_t>(accum, gvalue, value_elems, stream);
+      cuda::finish_atomic<scalar_t>(accum, args.grad_value, value_elems, stream);
       return;
     }
     if constexpr (std::is_same_v<scalar_t, double>) {
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, false>
-            <<<cuda::grid_blocks(blocks, "msda_backward"), cuda::kThreads, 0, stream>>>(
+        cuda::msda_backward_kernel<scalar_t, weight_t, false><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, w, gout, nullptr, gloc, gw, d, pr.levels);
         cuda::check_launch("msda_backward_kernel");
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-      const size_t smem = plan.smem_bytes() + cuda::owner_stage_bytes(cuda::kOwnerThreads);
-      auto kernel = cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>;
-      cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                       "cudaFuncSetAttribute(owner kernel)");
-      const int64_t owner_blocks = pr.batch * pr.heads * plan.groups.count * (pr.channels / plan.chunk);
-      if (owner_blocks == 0) return;
-      kernel<<<cuda::grid_blocks(owner_blocks, "msda_grad_value_owner"), cuda::kOwnerThreads, smem, stream>>>(
-          loc, w, gout, gvalue, d, plan.chunk, pr.levels, plan.groups);
-      cuda::check_launch("msda_grad_value_owner_kernel");
+      cuda::launch_owner(cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>, plan, pr.batch * pr.heads,
+                         pr.channels, "msda_grad_value_owner_kernel", stream, loc, w, gout,
+                         static_cast<scalar_t*>(args.grad_value), d, plan.chunk, pr.levels, plan.groups);
     }
   });
 }

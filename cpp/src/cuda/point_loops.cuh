@@ -6,11 +6,47 @@
 // corners are computed once, and every lane handles its own channels of the four 16-byte corner loads.
 #pragma once
 
-#include <string>
-
 #include "kernel_common.cuh"
 
 namespace deem::cuda {
+
+// Sizes a group kernel reads, passed by value (kernel parameter space). The bindings checked that every size
+// fits int32; S counts the value rows of one batch slice (all levels, or the levels of one image).
+struct GroupDims {
+  int M, D, Lq, P, L, G, q_blocks, threads;
+  int64_t S;
+};
+
+inline GroupDims group_dims(int64_t heads, int64_t channels, int64_t queries, int64_t points, int levels,
+                            int64_t rows, int group, int threads) {
+  GroupDims d;
+  d.M = static_cast<int>(heads);
+  d.D = static_cast<int>(channels);
+  d.Lq = static_cast<int>(queries);
+  d.P = static_cast<int>(points);
+  d.L = levels;
+  d.G = group;
+  d.S = rows;
+  d.threads = threads;
+  const int64_t groups_per_block = threads / group;
+  d.q_blocks = static_cast<int>((queries + groups_per_block - 1) / groups_per_block);  // Lq < 2^31: fits
+  return d;
+}
+
+// The (batch n, head m, query q) of this thread's group. The CTAs of one (n, head) take consecutive tiles of
+// `groups_per_block` queries, so they read the same value slice.
+struct GroupTask {
+  int n, m, q;
+};
+
+__device__ __forceinline__ GroupTask group_task(int q_blocks, int groups_per_block, int group, int heads) {
+  const int nm = blockIdx.x / q_blocks;
+  GroupTask t;
+  t.q = (blockIdx.x - nm * q_blocks) * groups_per_block + threadIdx.x / group;
+  t.n = nm / heads;
+  t.m = nm - t.n * heads;
+  return t;
+}
 
 // The group's chunk of points of one level, one per lane (lanes >= count hold zeros).
 template <typename acc>
@@ -99,15 +135,6 @@ __device__ __forceinline__ PointGrad<acc_t<scalar_t>> backprop_points(
     }
   }
   return mine;
-}
-
-// Launch sizes: the grid's x dimension holds at most 2^31 - 1 blocks.
-inline unsigned grid_blocks(int64_t blocks, const char* kernel) {
-  if (blocks > 2147483647LL) {
-    throw ArgumentError(std::string(kernel) + ": the problem needs " + std::to_string(blocks) +
-                        " CUDA blocks, more than the grid holds (2^31 - 1); split the batch");
-  }
-  return static_cast<unsigned>(blocks);
 }
 
 }  // namespace deem::cuda
