@@ -1,10 +1,18 @@
 """Time deem's deformable-attention kernels and the MMFS layer against the PyTorch reference.
 
+Three separately measured columns for every implementation:
+  forward           the op (or layer) forward alone;
+  backward          the backward alone: for the core op, its backward op given the saved forward inputs and an
+                    output gradient; for the MMFS layer, autograd backward through a saved forward graph
+                    (retain_graph), i.e. no forward work inside the timed region;
+  forward+backward  one loop that runs the forward and then its backward, timed as a whole.
+
 GPU (default): the inputs of spec/kernels.md §2.3 (random values, locations uniform in [-0.1, 1.1],
-softmaxed random weights), cases llm_8img, llm_2img, unet_64, unet_16, fp16 and bf16; forward and
-backward medians of CUDA events over CUDA-graph replays; deem (each d(value) strategy) and the
-grid_sample reference in the same run; then the whole MMFS layer at the LLM shape (B=4, Lq=2048,
-8 images, causal visibility): deem.models.MMFS against the original formulation.
+softmaxed random weights), cases llm_8img, llm_2img, unet_64, unet_16, fp16 and bf16; medians of CUDA events
+over CUDA-graph replays where the measured function can be captured (else back-to-back eager calls; the
+record says which, per column); deem (each d(value) strategy) and the grid_sample reference in the same run;
+then the whole MMFS layer at the LLM shape (B=4, Lq=2048, 8 images, causal visibility): deem.models.MMFS
+against the original formulation.
 CPU (--device cpu): the unet_16 shape (and a small LLM shape) in float32, wall-clock medians.
 
 Writes <out>/msda_<device>.json (one record per case, dtype, implementation) and prints a table.
@@ -60,10 +68,12 @@ def make_inputs(case: dict, dtype: torch.dtype, device: str, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------- timing
 
-def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True, label: str = "") -> tuple[float, str]:
+def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True, label: str = "",
+              stream: torch.cuda.Stream | None = None) -> tuple[float, str]:
     """Median milliseconds of `fn` on the GPU: CUDA-graph replays when `fn` can be captured
-    (no launch gaps), else back-to-back eager calls between CUDA events."""
-    stream = torch.cuda.Stream()
+    (no launch gaps), else back-to-back eager calls between CUDA events. `stream` is the side stream to
+    warm up and capture on (a backward must be captured on the stream its forward ran on)."""
+    stream = stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
@@ -74,7 +84,7 @@ def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True, label
     if use_graph:
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=stream):
                 fn()
             graph.replay()
             torch.cuda.synchronize()
@@ -84,13 +94,14 @@ def time_cuda(fn: Callable[[], object], reps: int, use_graph: bool = True, label
                   file=sys.stderr)
             torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        runner()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    with torch.cuda.stream(stream):
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
     return statistics.median(times), mode
 
 
@@ -106,48 +117,65 @@ def time_cpu(fn: Callable[[], object], reps: int) -> tuple[float, str]:
 
 # ------------------------------------------------------------------------------------ core op
 
+def record(case: str, dtype: str, impl: str, strategy: str | None, fwd: tuple[float, str] | None,
+           bwd: tuple[float, str] | None, fwd_bwd: tuple[float, str] | None, **extra) -> dict:
+    """One result row: each column a separate measurement (milliseconds, timing mode)."""
+    def ms(m):
+        return None if m is None else m[0]
+
+    def mode(m):
+        return None if m is None else m[1]
+
+    return dict(case=case, dtype=dtype, impl=impl, strategy=strategy, fwd_ms=ms(fwd), bwd_ms=ms(bwd),
+                fwd_bwd_ms=ms(fwd_bwd), fwd_timing=mode(fwd), bwd_timing=mode(bwd), fwd_bwd_timing=mode(fwd_bwd),
+                **extra)
+
+
 def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[dict]:
     case = CASES[case_name]
     dtype = DTYPES[dtype_name]
     value, shapes, starts, loc, weights = make_inputs(case, dtype, device)
     label = f"{case_name} {dtype_name}"
     if device == "cuda":
-        timer = lambda f, r=reps, what="": time_cuda(f, r, label=f"{label} {what}")
+        def timer(f, r=reps, what="", graph=True):
+            return time_cuda(f, r, use_graph=graph, label=f"{label} {what}")
     else:
-        timer = lambda f, r=reps, what="": time_cpu(f, r)
+        def timer(f, r=reps, what="", graph=True):
+            return time_cpu(f, r)
     N, Lq = case["N"], case["Lq"]
     # CPU random numbers only: an aborted graph capture must not disturb the CUDA generator
     grad = torch.randn(N, Lq, M * D, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    leaves = [value.clone().requires_grad_(), loc.clone().requires_grad_(), weights.clone().requires_grad_()]
     records = []
 
-    def record(impl, fwd, bwd, mode, strategy=None):
-        records.append(dict(case=case_name, dtype=dtype_name, impl=impl, strategy=strategy, fwd_ms=fwd, bwd_ms=bwd,
-                            fwd_bwd_ms=None if fwd is None or bwd is None else fwd + bwd, timing=mode))
-
-    fwd, mode = timer(lambda: ms_deform_attn(value, shapes, starts, loc, weights), what="deem fwd")
+    fwd = timer(lambda: ms_deform_attn(value, shapes, starts, loc, weights), what="deem fwd")
     backward = torch.ops.deem.ms_deform_attn_backward
+
+    def forward_backward():
+        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        return torch.autograd.grad(out, leaves, grad)
+
     strategies = ["atomic", "owner", "auto"] if device == "cuda" else ["auto"]
     for strategy in strategies:
         with grad_value_strategy(strategy):
             try:
-                bwd, _ = timer(lambda: backward(grad, value, shapes, starts, loc, weights), what=f"deem bwd {strategy}")
+                bwd = timer(lambda: backward(grad, value, shapes, starts, loc, weights), what=f"deem bwd {strategy}")
+                fb = timer(forward_backward, what=f"deem fwd+bwd {strategy}")
             except ValueError as err:  # strategy does not fit this shape
                 print(f"  {case_name} {dtype_name} {strategy}: {err}", file=sys.stderr)
                 continue
-        record("deem", fwd, bwd, mode, strategy)
+        records.append(record(case_name, dtype_name, "deem", strategy, fwd, bwd, fb))
 
     ref_reps = max(3, reps // 4)
-    leaves = [value.clone().requires_grad_(), loc.clone().requires_grad_(), weights.clone().requires_grad_()]
-    ref_fwd, ref_mode = timer(lambda: ms_deform_attn_reference(value, shapes, starts, loc, weights), ref_reps,
-                              "reference fwd")
+    ref_fwd = timer(lambda: ms_deform_attn_reference(value, shapes, starts, loc, weights), ref_reps, "reference fwd")
     out = ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1], leaves[2])
     # autograd of the reference is not reliably capturable; it runs for milliseconds, so eager timing is exact enough
-    if device == "cuda":
-        ref_bwd, _ = time_cuda(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), ref_reps,
-                               use_graph=False)
-    else:
-        ref_bwd, _ = time_cpu(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), ref_reps)
-    record("reference", ref_fwd, ref_bwd, ref_mode)
+    ref_bwd = timer(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), ref_reps, "reference bwd",
+                    graph=False)
+    ref_fb = timer(lambda: torch.autograd.grad(ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1],
+                                                                        leaves[2]), leaves, grad),
+                   ref_reps, "reference fwd+bwd", graph=False)
+    records.append(record(case_name, dtype_name, "reference", None, ref_fwd, ref_bwd, ref_fb))
     return records
 
 
@@ -187,6 +215,7 @@ def bench_mmfs_layer(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq:
     for name, layer in layers.items():
         q = query.clone().requires_grad_()
         r = reps if name == "deem" else max(3, reps // 4)
+        stream = torch.cuda.Stream()  # the saved forward and its timed backward share one stream
 
         def forward(layer=layer):
             with torch.no_grad():
@@ -196,12 +225,17 @@ def bench_mmfs_layer(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq:
             out = layer(q, ref, feats, shapes, None, mask)
             torch.autograd.backward(out, grad)
 
-        fwd, mode = time_cuda(forward, r, label=f"layer {name} fwd")
-        fb, _ = time_cuda(forward_backward, r, label=f"layer {name} fwd+bwd")
+        fwd = time_cuda(forward, r, label=f"layer {name} fwd")
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            saved = layer(q, ref, feats, shapes, None, mask)  # the graph the backward column walks
+        bwd = time_cuda(lambda saved=saved: torch.autograd.backward(saved, grad, retain_graph=True), r,
+                        label=f"layer {name} bwd", stream=stream)
+        del saved
+        fb = time_cuda(forward_backward, r, label=f"layer {name} fwd+bwd")
         layer.zero_grad(set_to_none=True)
-        records.append(dict(case="mmfs_layer_llm_8img", dtype=dtype_name, impl=name, strategy="auto", fwd_ms=fwd,
-                            bwd_ms=fb - fwd, fwd_bwd_ms=fb, timing=mode,
-                            visible_fraction=round(mask.float().mean().item(), 3)))
+        records.append(record("mmfs_layer_llm_8img", dtype_name, name, "auto", fwd, bwd, fb,
+                              visible_fraction=round(mask.float().mean().item(), 3)))
     return records
 
 
@@ -242,18 +276,26 @@ def environment(device: str) -> dict:
 
 
 def print_table(records: list[dict]) -> None:
-    ref = {(r["case"], r["dtype"]): r for r in records if r["impl"] == "reference"}
-    print(f"{'case':<22}{'dtype':<6}{'impl':<24}{'strategy':<9}{'fwd ms':>10}{'bwd ms':>10}{'fwd x':>8}{'bwd x':>8}")
+    """Each column is its own measurement; "x" columns are the speed-up over the baseline of the same run
+    (the grid_sample reference for the core op, the original formulation with it for the MMFS layer)."""
+    def base_of(r):
+        impl = "original+reference_op" if r["case"].startswith("mmfs_layer") else "reference"
+        return next((x for x in records if x["case"] == r["case"] and x["dtype"] == r["dtype"]
+                     and x["impl"] == impl), None)
+
+    def num(v, width):
+        return f"{v:>{width}.3f}" if v is not None else f"{'-':>{width}}"
+
+    def ratio(b, v, width=9):
+        return f"{b / v:>{width - 1}.1f}x" if b is not None and v else f"{'':>{width}}"
+
+    print(f"{'case':<22}{'dtype':<6}{'impl':<24}{'strategy':<9}{'fwd ms':>10}{'bwd ms':>10}{'fwd+bwd ms':>12}"
+          f"{'fwd x':>9}{'bwd x':>9}{'f+b x':>9}")
     for r in records:
-        base = ref.get((r["case"], r["dtype"]))
-        if r["case"].startswith("mmfs_layer"):
-            base = next((x for x in records if x["case"] == r["case"] and x["dtype"] == r["dtype"]
-                         and x["impl"] == "original+reference_op"), None)
-        fx = f"{base['fwd_ms'] / r['fwd_ms']:.1f}" if base else ""
-        bx = f"{base['bwd_ms'] / r['bwd_ms']:.1f}" if base and r["bwd_ms"] else ""
-        bwd = f"{r['bwd_ms']:.3f}" if r["bwd_ms"] is not None else "-"
-        print(f"{r['case']:<22}{r['dtype']:<6}{r['impl']:<24}{r['strategy'] or '':<9}{r['fwd_ms']:>10.3f}{bwd:>10}"
-              f"{fx:>8}{bx:>8}")
+        base = base_of(r) or {}
+        print(f"{r['case']:<22}{r['dtype']:<6}{r['impl']:<24}{r['strategy'] or '':<9}{num(r['fwd_ms'], 10)}"
+              f"{num(r['bwd_ms'], 10)}{num(r['fwd_bwd_ms'], 12)}{ratio(base.get('fwd_ms'), r['fwd_ms'])}"
+              f"{ratio(base.get('bwd_ms'), r['bwd_ms'])}{ratio(base.get('fwd_bwd_ms'), r['fwd_bwd_ms'])}")
 
 
 def main(argv: list[str] | None = None) -> int:

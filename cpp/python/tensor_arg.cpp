@@ -188,4 +188,28 @@ TensorArg parse_tensor(py::handle obj, const char* name, bool optional) {
   return t;
 }
 
+int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
+  if (a < 0 || b < 0) fail(what + ": negative size");
+  if (a != 0 && b > INT64_MAX / a) {
+    fail(what + " = " + std::to_string(a) + " x " + std::to_string(b) + " overflows int64");
+  }
+  return a * b;
+}
+
+int32_t index_size(int64_t v, const std::string& what) {
+  if (v < 0 || v > kMaxIndex) {
+    fail(what + " = " + std::to_string(v) + " is outside what the kernels index (0 to 2^31 - 1 in int32)");
+  }
+  return static_cast<int32_t>(v);
+}
+
+int64_t element_count(const std::vector<int64_t>& dims, const std::string& what) {
+  for (int64_t d : dims) {
+    if (d == 0) return 0;
+  }
+  int64_t n = 1;
+  for (int64_t d : dims) n = checked_mul(n, d, what);
+  return n;
+}
+
 }  // namespace deem::python

@@ -48,4 +48,11 @@ struct TensorArg {
 // `obj` is a DLPack capsule ("dltensor" or "dltensor_versioned") or None when `optional`.
 TensorArg parse_tensor(pybind11::handle obj, const char* name, bool optional = false);
 
+// Size arithmetic in int64 with overflow checks; each throws ArgumentError naming `what`.
+int64_t checked_mul(int64_t a, int64_t b, const std::string& what);
+// `v` as an int32 index of the kernels: 0 <= v <= 2^31 - 1.
+int32_t index_size(int64_t v, const std::string& what);
+// The product of `dims` (0 when any is 0), or an error when it overflows int64.
+int64_t element_count(const std::vector<int64_t>& dims, const std::string& what);
+
 }  // namespace deem::python

@@ -123,9 +123,10 @@ def test_binding_rejects_output_shape(p):
 
 
 def test_binding_rejects_non_capsule(p):
+    out = torch.empty(2, 3, 2, 8)
     with pytest.raises(ValueError, match=r"value: expected a DLPack capsule"):
-        _C.msda_validate(p.value, dl(p.spatial_shapes), dl(p.level_start_index), dl(p.sampling_locations),
-                         dl(p.attention_weights))
+        _C.msda_forward(p.value, dl(p.spatial_shapes), dl(p.level_start_index), dl(p.sampling_locations),
+                        dl(p.attention_weights), dl(out))
 
 
 def mcall(q, **changes):

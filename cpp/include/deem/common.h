@@ -17,6 +17,22 @@ struct ArgumentError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// A host allocation of the kernels failed: surfaces in Python as MemoryError (with this message).
+struct OutOfMemoryError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The dtype rule, C++ side: locations, logits, the softmax and every accumulation run in float64 for
+// float64 values and in float32 for everything else. `acc_dtype` names it for a DType and `acc_t<T>`
+// for a storage type (float, double, and each 16-bit type of the CPU or CUDA code).
+constexpr DType acc_dtype(DType value) { return value == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+template <typename T> struct Accumulate { using type = float; };
+template <> struct Accumulate<double> { using type = double; };
+template <typename T> using acc_t = typename Accumulate<T>::type;
+
+// The kernels index dimensions, level sizes and level starts in int32.
+constexpr int64_t kMaxIndex = 2147483647;
+
 // Levels of a feature pyramid, passed to kernels by value (kernel parameter space), so that no
 // device-side shape tensor is read and launches stay CUDA-graph capturable.
 constexpr int kMaxLevels = 256;

@@ -234,4 +234,64 @@ __device__ void owner_accumulate(const Source& src, const scalar_t* __restrict__
 
 inline size_t owner_stage_bytes(int threads) { return static_cast<size_t>(threads / 32) * kStage * sizeof(StagedItem); }
 
+// ---------------------------------------------------------------------------------------------
+// Host side, shared by both backward launchers.
+
+// Shared memory for one owner CTA's slice on the current device.
+inline int owner_budget() {
+  return std::min(max_dynamic_smem_bytes() - 4096, 200 * 1024) - static_cast<int>(owner_stage_bytes(kOwnerThreads));
+}
+
+// Resolves `requested` for a problem with these levels (of one value slice), head size and value dtype.
+inline GradValueStrategy choose_grad_value_strategy(const LevelTable& levels, int64_t channels, DType value_dtype,
+                                                    GradValueStrategy requested) {
+  if (value_dtype == DType::kFloat64) return GradValueStrategy::kAtomic;  // fp64 has no shared-memory variant
+  const OwnerPlan plan = plan_owner(levels, channels, owner_budget());
+  if (requested == GradValueStrategy::kOwner) {
+    if (!plan.feasible) throw ArgumentError("grad_value strategy 'owner' does not fit this problem in shared memory");
+    return GradValueStrategy::kOwner;
+  }
+  if (requested == GradValueStrategy::kAtomic) return GradValueStrategy::kAtomic;
+  // Auto: ownership pays when one chunk covers at least a quarter of the head (few redundant scans).
+  if (plan.feasible && plan.chunk * 4 >= channels) return GradValueStrategy::kOwner;
+  return GradValueStrategy::kAtomic;
+}
+
+// The atomic strategy's accumulation buffer, zeroed on `stream`: d(value) itself when it has the accumulation
+// type, else the caller's fp32 workspace (cast into d(value) by `finish_atomic`).
+template <typename scalar_t>
+acc_t<scalar_t>* start_atomic(void* grad_value, float* workspace, int64_t elems, cudaStream_t stream) {
+  acc_t<scalar_t>* accum = nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    accum = static_cast<acc_t<scalar_t>*>(grad_value);
+  } else {
+    if (workspace == nullptr) {
+      throw ArgumentError("grad_value_accum: the atomic strategy needs a float32 workspace shaped like value");
+    }
+    accum = workspace;
+  }
+  check_cuda(cudaMemsetAsync(accum, 0, elems * sizeof(acc_t<scalar_t>), stream), "cudaMemsetAsync");
+  return accum;
+}
+
+template <typename scalar_t>
+void finish_atomic(const acc_t<scalar_t>* accum, void* grad_value, int64_t elems, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    launch_cast_accum<scalar_t>(accum, static_cast<scalar_t*>(grad_value), elems, stream);
+  }
+}
+
+// Launches an owner kernel over `slices` (batch x image x head) slices of `plan`'s level groups and chunks.
+template <typename Kernel, typename... Args>
+void launch_owner(Kernel kernel, const OwnerPlan& plan, int64_t slices, int64_t channels, const char* name,
+                  cudaStream_t stream, Args... args) {
+  const size_t smem = plan.smem_bytes() + owner_stage_bytes(kOwnerThreads);
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+             "cudaFuncSetAttribute(owner kernel)");
+  const int64_t blocks = slices * plan.groups.count * (channels / plan.chunk);
+  if (blocks == 0) return;
+  kernel<<<grid_blocks(blocks, name), kOwnerThreads, smem, stream>>>(args...);
+  check_launch(name);
+}
+
 }  // namespace deem::cuda

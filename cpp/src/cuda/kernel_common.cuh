@@ -15,14 +15,13 @@
 
 namespace deem::cuda {
 
-// V elements per thread: 16 bytes for 16/32-bit types, 32 bytes for float64.
+// V elements per thread: 16 bytes for 16/32-bit types, 32 bytes for float64. The accumulation type is
+// deem::acc_t<T> (deem/common.h), the one dtype rule of the C++ side.
 template <typename T> struct Traits;
-template <> struct Traits<float> { using acc = float; static constexpr int V = 4; };
-template <> struct Traits<double> { using acc = double; static constexpr int V = 4; };
-template <> struct Traits<__half> { using acc = float; static constexpr int V = 8; };
-template <> struct Traits<__nv_bfloat16> { using acc = float; static constexpr int V = 8; };
-
-template <typename T> using acc_t = typename Traits<T>::acc;
+template <> struct Traits<float> { static constexpr int V = 4; };
+template <> struct Traits<double> { static constexpr int V = 4; };
+template <> struct Traits<__half> { static constexpr int V = 8; };
+template <> struct Traits<__nv_bfloat16> { static constexpr int V = 8; };
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -152,6 +151,15 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("deem: CUDA launch of ") + what + " failed: " + cudaGetErrorString(err));
   }
+}
+
+// A grid's x dimension holds at most 2^31 - 1 blocks.
+inline unsigned grid_blocks(int64_t blocks, const char* kernel) {
+  if (blocks > 2147483647LL) {
+    throw ArgumentError(std::string(kernel) + ": the problem needs " + std::to_string(blocks) +
+                        " CUDA blocks, more than the grid holds (2^31 - 1); split the batch");
+  }
+  return static_cast<unsigned>(blocks);
 }
 
 inline void check_cuda(cudaError_t err, const char* what) {

@@ -10,6 +10,7 @@
 #include "deem/msda.h"
 #include "dispatch.cuh"
 #include "grad_value_common.cuh"
+#include "point_loops.cuh"
 
 namespace deem {
 namespace cuda {
@@ -17,25 +18,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Dims {
-  int M, D, Lq, P, L, G, q_blocks;
-  int threads;
-  int64_t S;
-};
+using Dims = GroupDims;
 
 Dims make_dims(const MsdaProblem& pr, int group, int threads) {
-  Dims d;
-  d.M = static_cast<int>(pr.heads);
-  d.D = static_cast<int>(pr.channels);
-  d.Lq = static_cast<int>(pr.queries);
-  d.P = static_cast<int>(pr.points);
-  d.L = pr.levels.count;
-  d.G = group;
-  d.S = pr.value_len;
-  d.threads = threads;
-  const int groups_per_block = threads / group;
-  d.q_blocks = (d.Lq + groups_per_block - 1) / groups_per_block;
-  return d;
+  return group_dims(pr.heads, pr.channels, pr.queries, pr.points, pr.levels.count, pr.value_len, group, threads);
 }
 
 template <typename scalar_t, typename weight_t>
@@ -46,10 +32,9 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (d.threads / d.G) + threadIdx.x / d.G;
-  if (q >= d.Lq) return;
-  const int n = nm / d.M, m = nm - n * d.M;
+  const GroupTask task = group_task(d.q_blocks, d.threads / d.G, d.G, d.M);
+  if (task.q >= d.Lq) return;
+  const int n = task.n, m = task.m, q = task.q;
   const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
   const int64_t LP = static_cast<int64_t>(d.L) * d.P;
   const acc* loc_q = loc + row * LP * 2;
@@ -62,32 +47,17 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = 0; c < V; ++c) sum[c] = acc(0);
 
   for (int l = 0; l < d.L; ++l) {
-    const int H = levels.height[l], W = levels.width[l];
     const scalar_t* v_l = v_nm + static_cast<int64_t>(levels.start[l]) * pix;
     for (int p0 = 0; p0 < d.P; p0 += d.G) {
       const int p = p0 + grp.lane;
-      acc my_x = 0, my_y = 0, my_a = 0;
+      PointChunk<acc> chunk{0, 0, 0, min(d.G, d.P - p0)};
       if (p < d.P) {
         const int idx = l * d.P + p;
-        my_x = loc_q[2 * idx];
-        my_y = loc_q[2 * idx + 1];
-        my_a = to_acc(w_q[idx]);
+        chunk.x = loc_q[2 * idx];
+        chunk.y = loc_q[2 * idx + 1];
+        chunk.a = to_acc(w_q[idx]);
       }
-      const int cnt = min(d.G, d.P - p0);
-#pragma unroll 2
-      for (int j = 0; j < cnt; ++j) {
-        const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
-        const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
-        acc vk[4][V];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk[k]);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const acc wk = a * b.weight[k];
-#pragma unroll
-          for (int c = 0; c < V; ++c) sum[c] = fma(wk, vk[k][c], sum[c]);
-        }
-      }
+      accumulate_points<scalar_t>(grp, v_l, pix, levels.height[l], levels.width[l], chunk, sum);
     }
   }
   store_vec(out + row * d.D + grp.lane * V, sum);
@@ -103,10 +73,9 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const int nm = blockIdx.x / d.q_blocks;
-  const int q = (blockIdx.x - nm * d.q_blocks) * (kThreads / d.G) + threadIdx.x / d.G;
-  if (q >= d.Lq) return;
-  const int n = nm / d.M, m = nm - n * d.M;
+  const GroupTask task = group_task(d.q_blocks, kThreads / d.G, d.G, d.M);
+  if (task.q >= d.Lq) return;
+  const int n = task.n, m = task.m, q = task.q;
   const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
   const int64_t LP = static_cast<int64_t>(d.L) * d.P;
   const acc* loc_q = loc + row * LP * 2;
@@ -119,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
 
   acc g[V];
   {
-    acc tmp[V];
+    acc tmp[V];  // a separate load target keeps ptxas from spilling g (measured with -Xptxas -v)
     load_vec(grad_out + row * d.D + grp.lane * V, tmp);
 #pragma unroll
     for (int c = 0; c < V; ++c) g[c] = tmp[c];
@@ -129,61 +98,22 @@ __global__ void __launch_bounds__(kThreads)
     const int H = levels.height[l], W = levels.width[l];
     const int64_t level_offset = static_cast<int64_t>(levels.start[l]) * pix;
     const scalar_t* v_l = v_nm + level_offset;
+    acc* accum_l = kAtomic ? accum + nm_offset + level_offset : nullptr;
     for (int p0 = 0; p0 < d.P; p0 += d.G) {
       const int p = p0 + grp.lane;
-      acc my_x = 0, my_y = 0, my_a = 0;
+      PointChunk<acc> chunk{0, 0, 0, min(d.G, d.P - p0)};
       if (p < d.P) {
         const int idx = l * d.P + p;
-        my_x = loc_q[2 * idx];
-        my_y = loc_q[2 * idx + 1];
-        my_a = to_acc(w_q[idx]);
+        chunk.x = loc_q[2 * idx];
+        chunk.y = loc_q[2 * idx + 1];
+        chunk.a = to_acc(w_q[idx]);
       }
-      acc my_ga = 0, my_gx = 0, my_gy = 0;
-      const int cnt = min(d.G, d.P - p0);
-#pragma unroll 2
-      for (int j = 0; j < cnt; ++j) {
-        const acc x = grp.broadcast(my_x, j), y = grp.broadcast(my_y, j), a = grp.broadcast(my_a, j);
-        const detail::Bilinear<acc> b = detail::bilinear<acc>(x, y, H, W);
-        acc ga = 0, gx = 0, gy = 0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          acc vk[V];
-          load_vec(v_l + static_cast<int64_t>(b.pixel[k]) * pix, vk);
-          acc dot = 0;
-#pragma unroll
-          for (int c = 0; c < V; ++c) dot = fma(g[c], vk[c], dot);
-          ga = fma(b.weight[k], dot, ga);
-          gx = fma(b.dx[k], dot, gx);
-          gy = fma(b.dy[k], dot, gy);
-        }
-        ga = grp.sum(ga);
-        gx = grp.sum(gx);
-        gy = grp.sum(gy);
-        if (grp.lane == j) {
-          my_ga = ga;
-          my_gx = gx;
-          my_gy = gy;
-        }
-        if constexpr (kAtomic) {
-          if (b.inside && a != acc(0)) {
-            acc* a_l = accum + nm_offset + level_offset;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const acc wk = a * b.weight[k];
-              if (wk == acc(0)) continue;
-              acc t[V];
-#pragma unroll
-              for (int c = 0; c < V; ++c) t[c] = wk * g[c];
-              atomic_add_vec(a_l + static_cast<int64_t>(b.pixel[k]) * pix, t);
-            }
-          }
-        }
-      }
+      const PointGrad<acc> pg = backprop_points<scalar_t, kAtomic>(grp, v_l, accum_l, pix, H, W, g, chunk);
       if (p < d.P) {
         const int idx = l * d.P + p;
-        gw_q[idx] = from_acc<weight_t>(my_ga);
-        gloc_q[2 * idx] = my_a * my_gx * static_cast<acc>(W);
-        gloc_q[2 * idx + 1] = my_a * my_gy * static_cast<acc>(H);
+        gw_q[idx] = from_acc<weight_t>(pg.sample);
+        gloc_q[2 * idx] = chunk.a * pg.dx * static_cast<acc>(W);
+        gloc_q[2 * idx + 1] = chunk.a * pg.dy * static_cast<acc>(H);
       }
     }
   }
@@ -237,10 +167,6 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                      groups.row_begin[gi], levels);
 }
 
-int owner_budget() {
-  return std::min(max_dynamic_smem_bytes() - 4096, 200 * 1024) - static_cast<int>(owner_stage_bytes(kOwnerThreads));
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -254,24 +180,15 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
     cuda::require_aligned(args.output, "output");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
-    cuda::msda_forward_kernel<scalar_t, weight_t><<<static_cast<unsigned>(blocks), d.threads, 0, stream>>>(
-        static_cast<const scalar_t*>(args.value), static_cast<const cuda::acc_t<scalar_t>*>(args.locations),
+    cuda::msda_forward_kernel<scalar_t, weight_t><<<cuda::grid_blocks(blocks, "msda_forward"), d.threads, 0, stream>>>(
+        static_cast<const scalar_t*>(args.value), static_cast<const acc_t<scalar_t>*>(args.locations),
         static_cast<const weight_t*>(args.weights), static_cast<scalar_t*>(args.output), d, pr.levels);
     cuda::check_launch("msda_forward_kernel");
   });
 }
 
 GradValueStrategy msda_grad_value_strategy(const MsdaProblem& pr, GradValueStrategy requested) {
-  if (pr.value_dtype == DType::kFloat64) return GradValueStrategy::kAtomic;  // fp64 has no shared-memory variant
-  const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-  if (requested == GradValueStrategy::kOwner) {
-    if (!plan.feasible) throw ArgumentError("grad_value strategy 'owner' does not fit this problem in shared memory");
-    return GradValueStrategy::kOwner;
-  }
-  if (requested == GradValueStrategy::kAtomic) return GradValueStrategy::kAtomic;
-  // Auto: ownership pays when one chunk covers at least a quarter of the head (few redundant scans).
-  if (plan.feasible && plan.chunk * 4 >= pr.channels) return GradValueStrategy::kOwner;
-  return GradValueStrategy::kAtomic;
+  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, requested);
 }
 
 void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, GradValueStrategy strategy,
@@ -281,59 +198,42 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
   cuda::dispatch_value_weight(pr.value_dtype, pr.weight_dtype, [&](auto vt, auto wt) {
     using scalar_t = typename decltype(vt)::type;
     using weight_t = typename decltype(wt)::type;
-    using acc = cuda::acc_t<scalar_t>;
+    using acc = acc_t<scalar_t>;
     const cuda::Dims d = cuda::make_dims(pr, cuda::group_size_for<scalar_t>(pr.channels), cuda::kThreads);
     cuda::require_aligned(args.value, "value");
     cuda::require_aligned(args.grad_output, "grad_output");
     cuda::require_aligned(args.grad_value_accum, "grad_value_accum");
     const int64_t value_elems = pr.batch * pr.value_len * pr.heads * pr.channels;
-    const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
+    const unsigned blocks = cuda::grid_blocks(static_cast<int64_t>(pr.batch) * d.M * d.q_blocks, "msda_backward");
     const auto* value = static_cast<const scalar_t*>(args.value);
     const auto* loc = static_cast<const acc*>(args.locations);
     const auto* w = static_cast<const weight_t*>(args.weights);
     const auto* gout = static_cast<const scalar_t*>(args.grad_output);
-    auto* gvalue = static_cast<scalar_t*>(args.grad_value);
     auto* gloc = static_cast<acc*>(args.grad_locations);
     auto* gw = static_cast<weight_t*>(args.grad_weights);
 
     if (strategy == GradValueStrategy::kAtomic) {
-      constexpr bool direct = std::is_same_v<scalar_t, acc>;
-      acc* accum = nullptr;
-      if constexpr (direct) {
-        accum = reinterpret_cast<acc*>(gvalue);
-      } else {
-        if (args.grad_value_accum == nullptr) {
-          throw ArgumentError("grad_value_accum: the atomic strategy needs a float32 workspace shaped like value");
-        }
-        accum = args.grad_value_accum;
-      }
-      cuda::check_cuda(cudaMemsetAsync(accum, 0, value_elems * sizeof(acc), stream), "cudaMemsetAsync");
+      acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, true><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        cuda::msda_backward_kernel<scalar_t, weight_t, true><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, w, gout, accum, gloc, gw, d, pr.levels);
         cuda::check_launch("msda_backward_kernel<atomic>");
       }
-      if constexpr (!direct) cuda::launch_cast_accum<scalar_t>(accum, gvalue, value_elems, stream);
+      cuda::finish_atomic<scalar_t>(accum, args.grad_value, value_elems, stream);
       return;
     }
     if constexpr (std::is_same_v<scalar_t, double>) {
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, false><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
+        cuda::msda_backward_kernel<scalar_t, weight_t, false><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, w, gout, nullptr, gloc, gw, d, pr.levels);
         cuda::check_launch("msda_backward_kernel");
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
-      const size_t smem = plan.smem_bytes() + cuda::owner_stage_bytes(cuda::kOwnerThreads);
-      auto kernel = cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>;
-      cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                       "cudaFuncSetAttribute(owner kernel)");
-      const int64_t owner_blocks = pr.batch * pr.heads * plan.groups.count * (pr.channels / plan.chunk);
-      if (owner_blocks == 0) return;
-      kernel<<<static_cast<unsigned>(owner_blocks), cuda::kOwnerThreads, smem, stream>>>(
-          loc, w, gout, gvalue, d, plan.chunk, pr.levels, plan.groups);
-      cuda::check_launch("msda_grad_value_owner_kernel");
+      cuda::launch_owner(cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>, plan, pr.batch * pr.heads,
+                         pr.channels, "msda_grad_value_owner_kernel", stream, loc, w, gout,
+                         static_cast<scalar_t*>(args.grad_value), d, plan.chunk, pr.levels, plan.groups);
     }
   });
 }

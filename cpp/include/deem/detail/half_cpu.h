@@ -61,24 +61,21 @@ inline Half half_from_float(float f) {
 inline float to_float(float v) { return v; }
 inline double to_float(double v) { return v; }
 
+// Loads into and stores from the accumulation type deem::acc_t<T> (deem/common.h).
 template <typename T> struct Convert;
 template <> struct Convert<float> {
-  using opmath = float;
   static float load(float v) { return v; }
   static float store(float v) { return v; }
 };
 template <> struct Convert<double> {
-  using opmath = double;
   static double load(double v) { return v; }
   static double store(double v) { return v; }
 };
 template <> struct Convert<Half> {
-  using opmath = float;
   static float load(Half v) { return to_float(v); }
   static Half store(float v) { return half_from_float(v); }
 };
 template <> struct Convert<BFloat16> {
-  using opmath = float;
   static float load(BFloat16 v) { return to_float(v); }
   static BFloat16 store(float v) { return bf16_from_float(v); }
 };
