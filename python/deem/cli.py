@@ -46,10 +46,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from deem.demo import DemoPlan, run_demo
 
-    plan = DemoPlan.quick() if args.quick else DemoPlan(seed=args.seed)
+    plan = (DemoPlan.quick() if args.quick else DemoPlan()).with_seed(args.seed)
     if args.steps_scale != 1.0:
         plan = plan.scaled(args.steps_scale)
-    run_demo(args.out, plan)
+    if args.seeds < 1:
+        raise SystemExit("deem demo: error: --seeds must be at least 1")
+    run_demo(args.out, plan, seeds=args.seeds)
     return 0
 
 
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output directory (report.md, metrics.json, plots)")
     demo.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (checks the pipeline)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="the (first) seed: world, initialisation, data order")
+    demo.add_argument("--seeds", type=int, default=1,
+                      help="run the experiment for K seeds and report mean ± std of every metric")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

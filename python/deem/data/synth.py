@@ -31,6 +31,7 @@ COLOURS = {
 }
 BACKGROUNDS = ("gray", "sand", "sky", "mint", "gradient", "checker")
 STYLES = ("normal", "noisy", "outline", "inverted", "striped")
+SHIFT_STYLES = ("noisy", "striped")  # content- and colour-preserving shifts (the shifted VQA split)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
 
@@ -77,8 +78,8 @@ class Shape:
     def where(self) -> str:
         return "in the middle" if self.position == "middle" else f"on the {self.position}"
 
-    def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.kind}"
+    def phrase(self, colour: bool = True) -> str:
+        return f"a {self.size} {self.colour} {self.kind}" if colour else f"a {self.size} {self.kind}"
 
 
 @dataclass
@@ -87,10 +88,21 @@ class Scene:
     background: str
     index: int
 
-    def caption(self) -> str:
-        parts = [f"{s.phrase()} {s.where}" for s in self.shapes]
+    def caption(self, colours: bool = True) -> str:
+        """The scene in words; `colours=False` leaves the shapes' colours out (the alt-text a contrastive
+        encoder is pre-fitted on in `deem demo`)."""
+        parts = [f"{s.phrase(colours)} {s.where}" for s in self.shapes]
         joined = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
         return f"{joined} on a {self.background} background"
+
+    def attributes(self) -> dict[str, Any]:
+        """The scene's content as plain data (written to scenes.json, so nothing re-parses captions)."""
+        return {
+            "background": self.background,
+            "shapes": [{"kind": s.kind, "colour": s.colour, "size": s.size, "position": s.position,
+                        "cx": round(s.cx, 4), "cy": round(s.cy, 4), "radius": round(s.radius, 4)}
+                       for s in self.shapes],
+        }
 
 
 def random_scene(rng: np.random.Generator, index: int, max_shapes: int = 3) -> Scene:
@@ -228,9 +240,20 @@ def synth_world(out_dir: str | Path, seed: int = 0, image_size: int = 96, num_tr
                 [{"image": name("val2014", sc), "caption": [sc.caption(), sc.caption().replace(" on a ", " over a ")]}
                  for sc in test])
     counts["coco_karpathy_train"], counts["coco_karpathy_test"] = len(train), len(test)
+    _write_json(out / "scenes.json", {
+        split: [{"image": name(folder, sc), "index": sc.index, **sc.attributes()} for sc in scenes]
+        for split, folder, scenes in (("train", "train2014", train), ("test", "val2014", test))})
 
-    # VQAv2 questions + annotations
-    for split, scenes in (("train2014", train), ("val2014", test)):
+    # the test scenes again in shifted styles that keep content and colours (noisy / striped renderings): the
+    # same VQA questions under a distribution shift
+    d = out / "coco" / "shift2014"
+    d.mkdir(parents=True, exist_ok=True)
+    for sc in test:
+        style = SHIFT_STYLES[sc.index % len(SHIFT_STYLES)]
+        render(sc, px, style=style, seed=seed).save(d / f"COCO_shift2014_{sc.index:012d}.jpg", quality=90)
+
+    # VQAv2 questions + annotations (shift2014 asks the val2014 questions of the restyled images)
+    for split, scenes in (("train2014", train), ("val2014", test), ("shift2014", test)):
         qs, anns = [], []
         for sc in scenes:
             for k, (q, a, atype) in enumerate(questions_for(sc, np.random.default_rng([seed, sc.index]))):

@@ -1,7 +1,7 @@
 """DEEM model components and the whole model."""
 
 from deem.models.config import STAGES, DeemConfig, deem_7b, tiny, with_stage
-from deem.models.deem import DeemModel, DeemOutput
+from deem.models.deem import LOSS_KEYS, DeemModel, DeemOutput
 from deem.models.mmfs import MMFS
 
 PRESETS = {"deem_7b": deem_7b, "tiny": tiny}
@@ -21,5 +21,5 @@ def config_from_name(name: str, stage: str | None = None) -> DeemConfig:
     return with_stage(cfg, stage) if stage else cfg
 
 
-__all__ = ["MMFS", "PRESETS", "STAGES", "DeemConfig", "DeemModel", "DeemOutput", "config_from_name", "deem_7b",
-           "tiny", "with_stage"]
+__all__ = ["LOSS_KEYS", "MMFS", "PRESETS", "STAGES", "DeemConfig", "DeemModel", "DeemOutput", "config_from_name",
+           "deem_7b", "tiny", "with_stage"]

@@ -51,6 +51,9 @@ class DeemOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
+LOSS_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DeemOutput) if f.name.startswith("loss"))
+
+
 class ImageDecoder(nn.Module):
     """Conditioning of the diffusion model on the LLM context of an image (spec/model.md §9): a 1-layer
     Q-Former over the (reversed, position-coded) context and a learnable negative prompt for
@@ -248,9 +251,14 @@ class DeemModel(DeemPreTrainedModel):
         )
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, vision_context=context).last_hidden_state
         logits = self.text_head(hidden)
-        labels = self.text_labels(text_ids, attention_mask, gt_text_ids)
-        loss_txt = text_loss(logits, labels, text_loss_denominator)
-        total = w_txt * loss_txt
+        # a batch whose text weight is 0 (text-to-image pairs) trains no text: its text loss is neither computed
+        # nor reported (reported, it read as a text loss of ~11 on every such step: targets nothing trains)
+        loss_txt = None
+        total = hidden.sum() * 0.0
+        if w_txt != 0:
+            labels = self.text_labels(text_ids, attention_mask, gt_text_ids)
+            loss_txt = text_loss(logits, labels, text_loss_denominator)
+            total = total + w_txt * loss_txt
         loss_sniffer = vis.loss_sniffer if vis is not None else None
         if loss_sniffer is not None:
             total = total + cfg.loss_sniffer_weight * loss_sniffer

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from deem.data.tokenizer import DeemTokenizer
@@ -36,10 +37,12 @@ def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
         cfg = tiny_config_for(tokenizer, section.image_size or 32)
     elif section.preset == "deem_7b":
         cfg = deem_7b()
+    elif (Path(section.preset) / "config.json").is_file():  # a saved model's architecture (its weights: init_from)
+        cfg = DeemConfig.from_pretrained(section.preset)
     else:
         raise ValueError(
-            f"model.preset must be 'tiny' or 'deem_7b', got {section.preset!r} (continue from saved "
-            "weights with init_from)"
+            f"model.preset must be 'tiny', 'deem_7b' or a saved model directory (with config.json), got "
+            f"{section.preset!r}"
         )
     cfg = with_stage(cfg, section.stage, image_size=section.image_size if section.preset != "tiny" else None)
     for key, value in section.overrides.items():

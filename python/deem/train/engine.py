@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from deem.models import DeemModel
+from deem.models import LOSS_KEYS, DeemModel
 from deem.models.multimodal import num_text_targets
 from deem.models.weights import load_weights
 from deem.train.build import FROZEN_INIT_FILE, build_model, generated_frozen, load_frozen_init
@@ -230,7 +230,9 @@ class Trainer:
         micro-batches)), which the gradient averaging over ranks and the 1/micro-batches scaling turn into the
         global token mean."""
         unwrapped = self.acc.unwrap_model(self.model)
-        local = sum(num_text_targets(unwrapped.text_labels(**b)) for b in micro_batches)
+        # a micro-batch that trains no text (text weight 0) has no targets that count
+        local = sum(num_text_targets(unwrapped.text_labels(**b)) for b in micro_batches
+                    if b.get("loss_txt_weight") is None or float(b["loss_txt_weight"]) != 0)
         total = torch.tensor([float(local)], device=self.acc.device, dtype=torch.float64)
         if self.acc.num_processes > 1:
             total = self.acc.reduce(total, reduction="sum")
@@ -240,6 +242,7 @@ class Trainer:
         self.model.train()
         accum = self.cfg.run.grad_accum
         sums: dict[str, float] = defaultdict(float)
+        seen: dict[str, int] = defaultdict(int)  # micro-batches that had each loss
         skipped = False
         micro_batches = [next(batches) for _ in range(accum)]
         denominator = self._text_loss_denominator(micro_batches)
@@ -260,10 +263,13 @@ class Trainer:
                     skipped = True
                     continue
                 self.acc.backward(out.loss * backward_scale)
-            for name in ("loss", "loss_txt", "loss_img", "loss_sniffer"):
+            for name in LOSS_KEYS:
                 value = getattr(out, name)
                 if value is not None:
-                    sums[name] += float(value.detach()) / accum
+                    sums[name] += float(value.detach())
+                    seen[name] += 1
+        for name, n in seen.items():  # the step's mean over the micro-batches that had the loss
+            sums[name] /= n
         grad_norm = None
         if not skipped:
             norm = self.acc.clip_grad_norm_(self.params, self.cfg.run.max_grad_norm)
@@ -283,7 +289,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.acc.num_processes > 1:  # log the mean over ranks (a loss may be missing on some ranks)
-            keys = ("loss", "loss_txt", "loss_img", "loss_sniffer")
+            keys = LOSS_KEYS
             local = [sums.get(k, 0.0) for k in keys] + [float(k in sums) for k in keys]
             total = self.acc.reduce(torch.tensor(local, device=self.acc.device, dtype=torch.float64), "sum").tolist()
             for i, k in enumerate(keys):
@@ -298,6 +304,7 @@ class Trainer:
         batches = self.data.batches(self.acc.device)
         log_every, last_log = cfg.log.every, time.time()
         window: dict[str, float] = defaultdict(float)
+        losses = _LossWindow()
         progress = _Progress(cfg.schedule.max_steps, self.step, enabled=cfg.log.progress and self.acc.is_main_process)
         record: dict[str, Any] = {}
         try:
@@ -306,13 +313,14 @@ class Trainer:
                 self.step += 1
                 for k in ("samples", "images", "tokens"):
                     window[k] += stats.get(k, 0.0)
+                losses.add(stats)
                 if self.step % log_every == 0 or self.step == cfg.schedule.max_steps:
                     elapsed = max(time.time() - last_log, 1e-9)
                     record = {
                         "step": self.step,
                         "epoch": self.data.epoch,
                         "lr": self.scheduler.get_last_lr()[0],
-                        **{k: stats[k] for k in ("loss", "loss_txt", "loss_img", "loss_sniffer") if k in stats},
+                        **losses.means(),  # each loss: its mean over the window's steps that had it
                         "grad_norm": stats["grad_norm"],
                         "skipped": int(stats["skipped"]),
                         "nonfinite_total": self.nonfinite,
@@ -324,6 +332,7 @@ class Trainer:
                     self._log(record)
                     progress.update(self.step, record)
                     window.clear()
+                    losses.clear()
                     last_log = time.time()
                 else:
                     progress.update(self.step, None)
@@ -375,6 +384,30 @@ class Trainer:
                     self.writer.add_scalar(f"train/{k}", v, record["step"])
 
 
+class _LossWindow:
+    """Losses of the steps since the last log record: a batch without a loss (a text-to-image batch has no text
+    loss, a VQA batch no image loss) does not pull that loss's mean towards zero or towards one noisy step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, stats: dict[str, float]) -> None:
+        if stats.get("skipped"):
+            return
+        for k in LOSS_KEYS:
+            if k in stats:
+                self.sums[k] += stats[k]
+                self.counts[k] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in LOSS_KEYS if self.counts.get(k)}
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
 class _Progress:
     """A rich progress bar on a terminal, one printed line per log step elsewhere (CI logs)."""
 
@@ -400,7 +433,7 @@ class _Progress:
         if record is not None:
             parts = [
                 f"{k.replace('loss_', '')} {record[k]:.4f}"
-                for k in ("loss", "loss_txt", "loss_img", "loss_sniffer")
+                for k in LOSS_KEYS
                 if k in record
             ]
             info = (

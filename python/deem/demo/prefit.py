@@ -1,0 +1,223 @@
+"""Stand-ins for the components DEEM takes pretrained, fitted on the synthetic world in seconds.
+
+* `prefit_vae`: Stable Diffusion's VAE (an AutoencoderKL fitted to reconstruct the world's images; frozen
+  afterwards, its latents scaled to unit variance as SD's `scaling_factor` does);
+* `prefit_unet`: Stable Diffusion's UNet, a text-to-image model conditioned on `CaptionEncoder` (the stand-in
+  for SD's CLIP text encoder, discarded afterwards except for the empty-caption embedding that starts the
+  image decoder's negative prompt), trained with 10 % dropped captions for classifier-free guidance;
+* `prefit_encoder`: the CLIP image encoder (sniffer trunk, adapters, Q-Former and the projection into the LLM),
+  fitted contrastively against captions that leave the shapes' colours out, with random hue rotations of
+  the images. Like CLIP, it keeps what its captions name and becomes invariant to what they do not: the bias
+  the diffusion feedback of DEEM's stage 1 is meant to correct.
+
+All three draw every random number from one `torch.Generator` (the same seed gives the same weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deem.models import DeemModel
+
+OnStep = Callable[[float], None] | None
+
+
+@dataclass
+class FitLog:
+    """Per-step losses of one pre-fit (for the report's curves)."""
+
+    name: str
+    losses: list[float]
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> float:
+        tail = self.losses[-20:]
+        return sum(tail) / max(1, len(tail))
+
+
+class CaptionEncoder(nn.Module):
+    """Token embeddings, learned positions and one transformer layer: the stand-in for a CLIP text encoder
+    ([B, L] ids -> [B, L, dim]; `pooled` gives one vector per caption)."""
+
+    def __init__(self, vocab_size: int, dim: int, max_len: int = 64, pad_id: int = 0) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=2 * dim, dropout=0.0,
+                                                batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pad = ids == self.pad_id
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        return self.norm(self.layer(x, src_key_padding_mask=pad))
+
+    def pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = (ids != self.pad_id).unsqueeze(-1).float()
+        return (self(ids) * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def pad_ids(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def hue_rotate(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of [B, 3, H, W] images in [0, 1] by `angles` (radians, [B]) about the grey axis: greys,
+    black and white stay, every chromatic colour turns by the same angle."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    third, root = 1.0 / 3.0, math.sqrt(1.0 / 3.0)
+    a = cos + (1 - cos) * third
+    b = third * (1 - cos) - root * sin
+    c = third * (1 - cos) + root * sin
+    rot = torch.stack([torch.stack([a, b, c], -1), torch.stack([c, a, b], -1), torch.stack([b, c, a], -1)], -2)
+    return torch.einsum("bij,bjhw->bihw", rot, images).clamp(0, 1)
+
+
+def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
+    for _ in range(steps):
+        yield torch.randint(0, n, (min(batch, n),), generator=generator)
+
+
+def prefit_vae(model: DeemModel, images_dec: torch.Tensor, steps: int, generator: torch.Generator,
+               batch: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6, on_step: OnStep = None) -> FitLog:
+    """Fit the model's VAE to reconstruct `images_dec` [N, 3, s, s] in [0, 1], then set its scaling factor to
+    1 / std of the latents (SD's convention) in the module and the model config."""
+    vae = model.diffusion.vae
+    vae.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    x_all = images_dec * 2 - 1
+    losses = []
+    for idx in _batches(len(x_all), batch, steps, generator):
+        x = x_all[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(z).sample, x) + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(losses[-1])
+    vae.requires_grad_(False)
+    vae.eval()
+    with torch.no_grad():
+        means = [vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)]
+        std = float(torch.cat(means).std())
+    scale = 1.0 / max(std, 1e-6)
+    vae.register_to_config(scaling_factor=scale)
+    model.config.diffusion["vae_config"] = {**model.config.diffusion["vae_config"], "scaling_factor": scale}
+    return FitLog("VAE (reconstruction MSE)", losses)
+
+
+@torch.no_grad()
+def _latent_moments(model: DeemModel, images_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vae = model.diffusion.vae
+    scale = vae.config.scaling_factor
+    means, stds = [], []
+    for i in range(0, len(images_dec), 256):
+        post = vae.encode(images_dec[i : i + 256] * 2 - 1).latent_dist
+        means.append(post.mean * scale)
+        stds.append(post.std * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+def prefit_unet(model: DeemModel, images_dec: torch.Tensor, caption_ids: list[list[int]], empty_ids: list[int],
+                pad_id: int, steps: int, generator: torch.Generator, batch: int = 64, lr: float = 2e-3,
+                uncond_prob: float = 0.1, text: CaptionEncoder | None = None,
+                on_step: OnStep = None) -> tuple[FitLog, CaptionEncoder]:
+    """Fit the UNet as a caption-to-image diffusion model (epsilon prediction on the frozen VAE's latents)
+    conditioned on a jointly trained `CaptionEncoder`; captions are replaced by the empty caption with
+    probability `uncond_prob`. Returns the log and the caption encoder."""
+    diffusion = model.diffusion
+    unet = diffusion.unet
+    dim = unet.config.cross_attention_dim
+    vocab = max(max(s) for s in caption_ids) + 1
+    if text is None:
+        text = CaptionEncoder(max(vocab, max(empty_ids) + 1), dim, max_len=64, pad_id=pad_id)
+    text.train()
+    ids_all = pad_ids(caption_ids, pad_id)
+    empty = pad_ids([empty_ids], pad_id)[0]
+    mean, std = _latent_moments(model, images_dec)
+    unet.requires_grad_(True)
+    unet.train()
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = diffusion.alphas_cumprod
+    T = diffusion.num_train_timesteps
+    losses = []
+    for idx in _batches(len(mean), batch, steps, generator):
+        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(0, T, (len(idx),), generator=generator)
+        ac = schedule[t].view(-1, 1, 1, 1)
+        noisy = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
+        ids = ids_all[idx].clone()
+        drop = torch.rand(len(idx), generator=generator) < uncond_prob
+        ids[drop] = pad_id
+        ids[drop, : len(empty)] = empty[: ids.shape[1]]
+        pred = unet(noisy, t, text(ids)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(losses[-1])
+    unet.eval()
+    text.eval()
+    return FitLog("UNet (text-to-image, noise MSE)", losses), text
+
+
+def prefit_encoder(model: DeemModel, images: torch.Tensor, caption_ids: list[list[int]], pad_id: int,
+                   steps: int, generator: torch.Generator, batch: int = 128, lr: float = 2e-3,
+                   dim: int = 64, on_step: OnStep = None) -> FitLog:
+    """Fit the visual tokenizer (sniffer, adapters, Q-Former, projection into the LLM) contrastively against
+    the captions `caption_ids` (one per image, the colour-free alt-text) with a symmetric InfoNCE loss;
+    images that share a caption are all positives. Every image gets a random hue rotation (like CLIP's
+    augmentations: invariance to what the captions do not name)."""
+    visual = model.visual_tokenizer
+    hidden = visual.proj_t.out_features
+    text = CaptionEncoder(max(max(s) for s in caption_ids) + 1, dim, max_len=max(len(s) for s in caption_ids) + 1,
+                          pad_id=pad_id)
+    image_head = nn.Linear(hidden, dim)
+    logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+    ids_all = pad_ids(caption_ids, pad_id)
+    # the same caption -> the same id (several images can share a colour-free caption)
+    caption_key = torch.tensor([hash(tuple(s)) % (2**61) for s in caption_ids])
+    visual.requires_grad_(True)
+    visual.train()
+    params = [*visual.parameters(), *text.parameters(), *image_head.parameters(), logit_scale]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for idx in _batches(len(images), batch, steps, generator):
+        angles = torch.rand(len(idx), generator=generator) * (2 * math.pi)
+        x = hue_rotate(images[idx], angles)
+        img = F.normalize(image_head(visual(x).embeds.mean(1)), dim=-1)
+        txt = F.normalize(text.pooled(ids_all[idx]), dim=-1)
+        logits = img @ txt.t() * logit_scale.exp().clamp(max=100.0)
+        same = (caption_key[idx][:, None] == caption_key[idx][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
+                      + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(losses[-1])
+    visual.eval()
+    return FitLog("image encoder (contrastive, colour-free captions)", losses)

@@ -1,0 +1,105 @@
+"""The demo's training stages, each a real `deem train` run (the same Trainer, configs and checkpoints as the
+7B stages), chained with `init_from` exactly like configs/train/*.yaml."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deem.configs import SYNTH_DATA
+from deem.demo.plan import DIFFUSION_SIZE, DemoPlan
+
+VARIANTS = {
+    # DEEM: stage 1 and the VQA fine-tuning with the diffusion feedback (sniffer loss, weight 5)
+    "DEEM": {"loss_sniffer_weight": 5.0},
+    # the MM-Interleaved recipe trained identically, without the feedback
+    "MM-Interleaved baseline": {"loss_sniffer_weight": 0.0},
+}
+VARIANT_KEYS = {"DEEM": "deem", "MM-Interleaved baseline": "baseline"}
+
+
+def write_data_config(world: Path) -> Path:
+    """The synthetic world's data config with the diffusion view at the demo model's diffusion size."""
+    raw = yaml.safe_load(Path(SYNTH_DATA).read_text(encoding="utf-8"))
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("transform"), dict):
+                node["transform"] = {**node["transform"], "resolution_dec": DIFFUSION_SIZE}
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(raw)
+    raw = {k: v for k, v in raw.items() if not k.startswith("x-")}
+    path = world / "demo_data.yaml"
+    path.write_text("# written by deem demo: configs/data/synth.yaml with the diffusion view at "
+                    f"{DIFFUSION_SIZE} px\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Stage:
+    """One training run of the recipe."""
+
+    name: str  # run directory under <out>/runs
+    stage: str  # the DeemConfig stage preset (which modules train)
+    dataset: str  # the data config's train entry
+    steps: int
+    overrides: dict[str, Any]
+
+
+def recipe(plan: DemoPlan, variant: str) -> list[Stage]:
+    """Stage 1 (interleaved pre-training: LLM frozen, image encoder trained, UNet frozen) and stage 2 (VQA
+    fine-tuning: LLM trained, encoder trunk frozen) of one variant."""
+    key, extra = VARIANT_KEYS[variant], VARIANTS[variant]
+    return [
+        Stage(f"{key}_stage1", "pretrain_deem", "pretrain", plan.stage1_steps, dict(extra)),
+        Stage(f"{key}_stage2_vqa", "sft_vqa", "sft_vqa", plan.stage2_steps, dict(extra)),
+    ]
+
+
+def components_stage(plan: DemoPlan) -> Stage:
+    """The LLM (and the image decoder's Q-Former) pre-fitted on captions with the pre-fitted encoder trunk and
+    UNet frozen: the stand-in for Vicuna and for the components MM-Interleaved starts from."""
+    return Stage("components", "pretrain_baseline", "coco_caption_karpathy", plan.components_steps,
+                 {"freeze_llm": False, "freeze_vfm": True, "freeze_dm": True, "freeze_text_head": False,
+                  "loss_sniffer_weight": 0.0})
+
+
+def train_config(out: Path, world: Path, data_config: Path, preset: str, stage: Stage, plan: DemoPlan,
+                 init: str) -> Any:
+    from deem.train import TrainConfig
+
+    steps = stage.steps
+    raw: dict[str, Any] = {
+        "output_dir": str(out / "runs" / stage.name),
+        "model": {"preset": preset, "stage": stage.stage, "overrides": stage.overrides},
+        "data": {"config": str(data_config), "root": str(world), "dataset": stage.dataset,
+                 "batch_size": plan.batch_size, "seed": plan.seed},
+        "optim": {"lr": plan.lr, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0},
+        "schedule": {"warmup_steps": min(20, max(1, steps // 10)), "max_steps": steps},
+        "run": {"precision": "fp32", "seed": plan.seed},
+        "checkpoint": {"every": steps, "keep": 1},
+        "log": {"every": max(1, min(10, steps // 5)), "tensorboard": False, "progress": True},
+        "init_from": init,
+    }
+    return TrainConfig.from_dict(raw)
+
+
+def run_stage(cfg: Any, out: Path, name: str, timings: list[str]) -> str:
+    """Train, export the weights; returns the export directory."""
+    from deem.train import Trainer, export_weights
+
+    start = time.time()
+    print(f"\n== {name} ({cfg.model.stage}, {cfg.data.dataset}, {cfg.schedule.max_steps} steps)", flush=True)
+    Trainer(cfg).run()
+    export = export_weights(out / "runs" / name, out / "runs" / name / "export")
+    timings.append(f"{name}: {cfg.schedule.max_steps} steps in {time.time() - start:.0f} s")
+    return str(export)
