@@ -29,7 +29,10 @@ def load_data_config(config: str | Path | dict[str, Any], root: str | Path | Non
         path = Path(config)
         if not path.is_file():
             raise DataError(f"data config {path} does not exist")
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as err:
+            raise DataError(f"data config {path} is not valid YAML: {err}") from err
         if not isinstance(cfg, dict):
             raise DataError(f"data config {path} must be a mapping")
     base = Path(root if root is not None else cfg.get("root", "."))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from deem.errors import UserError
+
 logger = logging.getLogger("deem.data")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data problem that stops the run (bad config, unreadable annotation file, ...)."""
 
 

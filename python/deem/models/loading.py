@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from deem.errors import UserError
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model: names the file and the offending keys."""
 
 

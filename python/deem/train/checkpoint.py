@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from deem.models.loading import CheckpointError
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -131,7 +133,7 @@ class CheckpointManager:
         """Everything this rank needs to resume from `path`."""
         state = json.loads((path / STATE_FILE).read_text())
         if state.get("world_size") != self.world_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was written by {state.get('world_size')} ranks; resuming with "
                 f"{self.world_size} would change the data order"
             )
