@@ -1,10 +1,28 @@
-"""The `deem` command line."""
+"""The `deem` command line.
+
+Sub-commands raise, they never print an error and exit: `main` turns a user error (`USER_ERRORS`: deem's
+`UserError` family and the file-system errors) into one line `deem VERB: error: MESSAGE` on stderr and exit
+status 2; `--debug` adds the traceback. Every other exception is a bug in deem and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import traceback
+
+from deem.errors import UsageError, UserError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def _model_counts(config_name: str, stage: str | None) -> dict[str, dict[str, int]]:
@@ -46,11 +64,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from deem.demo import DemoPlan, run_demo
 
+    if args.steps_scale <= 0:
+        raise UsageError(f"--steps-scale must be > 0, got {args.steps_scale}")
     plan = (DemoPlan.quick() if args.quick else DemoPlan()).with_seed(args.seed)
     if args.steps_scale != 1.0:
         plan = plan.scaled(args.steps_scale)
     if args.seeds < 1:
-        raise SystemExit("deem demo: error: --seeds must be at least 1")
+        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
     run_demo(args.out, plan, seeds=args.seeds)
     return 0
 
@@ -63,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="deem", description="DEEM: diffusion models as the eyes of LLMs.")
     parser.add_argument("--version", action="version", version=f"deem {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also after the verb)")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="show the installed build, or a model's parameter counts")
     info.add_argument("--config", help="a preset (deem_7b, tiny) or a saved config: print parameter counts")
@@ -81,12 +102,46 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=1,
                       help="run the experiment for K seeds and report mean ± std of every metric")
     demo.set_defaults(func=_cmd_demo)
+    for verb in _verbs(parser):
+        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        verb.set_defaults(verb=verb.prog)
     return parser
 
 
+def _verbs(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the runnable sub-commands (`deem train`, `deem data inspect`, ...): the leaves."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        return [parser]
+    return [leaf for group in groups for sub in dict.fromkeys(group.choices.values()) for leaf in _verbs(sub)]
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception's message as one line: `path: reason` for file-system errors, the original error (not
+    the DataLoader's wrapping traceback) for an error re-raised from a worker process."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        text = f"{where}: {exc.strerror[:1].lower()}{exc.strerror[1:]}"
+    else:
+        text = str(exc) or type(exc).__name__
+        marker = "\nOriginal Traceback (most recent call last):"
+        if marker in text:  # torch.utils.data re-raised it from a worker: keep the original message
+            lines = text.split(marker, 1)[1].rstrip().splitlines()
+            frames_end = max((i for i, line in enumerate(lines) if line[:1].isspace()), default=-1)
+            text = re.sub(r"^[\w.]+: ", "", " ".join(lines[frames_end + 1:]), count=1)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `deem ARGV`; returns the exit status (2 for a user error, after its one-line message)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{args.verb}: error: {error_line(exc)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -293,16 +293,19 @@ def test_torchrun_two_ranks_gather_through_the_process_group(world, checkpoint, 
     out = tmp_path / "dist"
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys\n"
+        "import json, os\n"
         "import torch\n"
         "torch.set_num_threads(1)\n"
         "from deem.eval import evaluate\n"
         f"scored = evaluate(json.load(open({str(cfg_path)!r})), {str(checkpoint)!r}, {str(out)!r})\n"
         "import torch.distributed as dist\n"
-        "print('RESULT', dist.get_rank(), dist.get_world_size(), sorted(scored))\n")
+        "result = {'rank': dist.get_rank(), 'world_size': dist.get_world_size(), 'scored': sorted(scored)}\n"
+        "with open(os.path.join(os.environ['DEEM_TEST_RESULTS'], f'rank{dist.get_rank()}.json'), 'w') as f:\n"
+        "    json.dump(result, f)\n")
     proc = torchrun([str(script)], timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "RESULT 0 2 ['visdial', 'vqav2']" in proc.stdout and "RESULT 1 2 []" in proc.stdout, proc.stdout
+    assert proc.returncode == 0, proc.report()
+    assert proc.results == {0: {"rank": 0, "world_size": 2, "scored": ["visdial", "vqav2"]},
+                            1: {"rank": 1, "world_size": 2, "scored": []}}, proc.report()
     for name in names:
         assert _predictions(out, name) == _predictions(full_run[0], name)
         assert json.loads((out / name / "metrics.json").read_text())["num_missing"] == 0

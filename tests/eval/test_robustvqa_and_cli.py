@@ -202,5 +202,5 @@ def test_cli_eval(world, checkpoint, tmp_path, capsys):
     assert args.func(args) == 0
     args = _parser().parse_args(["eval", str(path), "--checkpoint", str(checkpoint), "--benchmarks", "nope",
                                  "--out", str(out)])
-    with pytest.raises(SystemExit, match="no benchmark"):
+    with pytest.raises(EvalError, match="no benchmark"):
         args.func(args)

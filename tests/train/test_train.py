@@ -226,7 +226,7 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path, tor
                     "data.batch_size=4"], env=env, check=True, capture_output=True, cwd=REPO)
     proc = torchrun(["-m", "deem", "train", *common, f"output_dir={tmp_path / 'two'}", "data.batch_size=2"],
                     env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.report()
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)

@@ -13,10 +13,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deem.errors import UserError
+
 logger = logging.getLogger("deem.data")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data problem that stops the run (bad config, unreadable annotation file, ...)."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from deem.data.prompts import CAPTION_QUESTIONS, DEFAULT_PROMPTS, IMAGE_QUESTIONS, VG_QUESTIONS
+from deem.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 COLOURS = {
@@ -215,6 +216,9 @@ def synth_world(out_dir: str | Path, seed: int = 0, image_size: int = 96, num_tr
                 docs_per_shard: int = 12, with_tokenizer: bool = True) -> dict[str, Any]:
     """Write the shapes world under `out_dir` in the real layouts (paths as in configs/data/synth.yaml) and
     return a summary {files, counts}. Deterministic in `seed`."""
+    if image_size < 8 or num_train < 1 or num_test < 1:
+        raise ConfigError(f"synthetic world: image_size >= 8 and num_train, num_test >= 1 expected, got image_size "
+                          f"{image_size}, num_train {num_train}, num_test {num_test}")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     px = image_size

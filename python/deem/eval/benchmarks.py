@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from deem.data.registry import CAPTION_TYPES
+from deem.errors import UserError
 from deem.eval import metrics as M
 from deem.eval.postprocess import ANSWER_RULES, CAPTION_RULES, clean_referring
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A configuration or data problem that stops an evaluation (the message names the benchmark/file)."""
 
 

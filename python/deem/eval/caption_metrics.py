@@ -13,11 +13,13 @@ import shutil
 import threading
 from collections.abc import Mapping, Sequence
 
+from deem.errors import UserError
+
 _METEOR = None
 _METEOR_LOCK = threading.Lock()
 
 
-class CaptionMetricError(RuntimeError):
+class CaptionMetricError(UserError, RuntimeError):
     """pycocoevalcap could not run (Java missing, a scorer failed)."""
 
 

@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from deem.eval.benchmarks import EvalError
+from deem.errors import UsageError
 
 
 class _Progress:
@@ -45,9 +45,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _setup_logging()
     if args.checkpoint is None and not args.score_only:
-        raise SystemExit("deem eval: --checkpoint is required (or --score-only with --out)")
+        raise UsageError("--checkpoint is required (or --score-only with --out)")
     if args.out is None and args.checkpoint is None:
-        raise SystemExit("deem eval: --out is required with --score-only and no --checkpoint")
+        raise UsageError("--out is required with --score-only and no --checkpoint")
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
     tokenizer = None
@@ -55,13 +55,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tokenizer = {"type": "hf" if args.tokenizer_type == "hf" else "llama", "path": args.tokenizer}
         if args.num_img_token is not None:
             tokenizer["num_img_token"] = args.num_img_token
-    try:
-        scored = evaluate(args.config, args.checkpoint, out, benchmarks=names, root=args.root, tokenizer=tokenizer,
-                          rank=args.rank, world_size=args.world_size, overwrite=args.overwrite,
-                          score_only=args.score_only, resolution=args.resolution, device=args.device,
-                          dtype=args.dtype, progress=_Progress())
-    except EvalError as exc:
-        raise SystemExit(f"deem eval: {exc}") from None
+    scored = evaluate(args.config, args.checkpoint, out, benchmarks=names, root=args.root, tokenizer=tokenizer,
+                      rank=args.rank, world_size=args.world_size, overwrite=args.overwrite,
+                      score_only=args.score_only, resolution=args.resolution, device=args.device,
+                      dtype=args.dtype, progress=_Progress())
     if scored and (out / "results.md").is_file():
         print(results_table({"checkpoint": str(args.checkpoint), "benchmarks": scored}))
         print(f"predictions and metrics in {out} (all benchmarks of the directory: {out / 'results.md'})")
@@ -98,13 +95,10 @@ def _cmd_robustvqa(args: argparse.Namespace) -> int:
     from deem.eval.robustvqa import build_robustvqa
 
     _setup_logging()
-    try:
-        counts = build_robustvqa(args.imagenet_a, args.imagenet_r, args.imagenet_v2, args.out,
-                                 class_index=args.class_index, clip=args.clip, relative_to=args.relative_to,
-                                 keep=args.keep, prompt=args.prompt, batch_size=args.batch_size, device=args.device,
-                                 max_per_subset=args.max_per_subset)
-    except EvalError as exc:
-        raise SystemExit(f"deem data robustvqa: {exc}") from None
+    counts = build_robustvqa(args.imagenet_a, args.imagenet_r, args.imagenet_v2, args.out,
+                             class_index=args.class_index, clip=args.clip, relative_to=args.relative_to,
+                             keep=args.keep, prompt=args.prompt, batch_size=args.batch_size, device=args.device,
+                             max_per_subset=args.max_per_subset)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -122,7 +122,7 @@ def load_eval_config(config: str | Path | dict[str, Any], root: str | Path | Non
             raise EvalError(f"eval config {path} does not exist")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise EvalError(f"eval config {path} is not valid YAML: {exc}") from None
         source = str(path)
     if not isinstance(raw, dict):
@@ -233,7 +233,10 @@ def _device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise EvalError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from exc
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import LlamaConfig, PretrainedConfig
 
+from deem.errors import ConfigError
 from deem.models.diffusion import DiffusionConfig
 from deem.models.llm import MMFSSettings
 from deem.models.resampler import QFormerConfig
@@ -99,7 +100,7 @@ class DeemConfig(PretrainedConfig):
         self.mask_align = mask_align
         self.llm_gradient_checkpointing = llm_gradient_checkpointing
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+            raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
         self.stage = stage
         super().__init__(**kwargs)
         self._validate()
@@ -144,22 +145,22 @@ class DeemConfig(PretrainedConfig):
             return  # an empty config (transformers instantiates one to read defaults)
         hidden = self.llm["hidden_size"]
         if self.mmfs["vision_width"] != self.sniffer["out_dim"]:
-            raise ValueError(
+            raise ConfigError(
                 f"mmfs.vision_width {self.mmfs['vision_width']} != sniffer.out_dim {self.sniffer['out_dim']}"
             )
         if self.sniffer_resampler["encoder_width"] != self.sniffer["out_dim"]:
-            raise ValueError("sniffer_resampler.encoder_width must equal sniffer.out_dim")
+            raise ConfigError("sniffer_resampler.encoder_width must equal sniffer.out_dim")
         if self.sniffer_resampler["num_queries"] != self.num_img_token:
-            raise ValueError(
+            raise ConfigError(
                 f"sniffer_resampler.num_queries {self.sniffer_resampler['num_queries']} != "
                 f"num_img_token {self.num_img_token}"
             )
         if self.image_decoder_resampler is not None and self.image_decoder_resampler["encoder_width"] != hidden:
-            raise ValueError("image_decoder_resampler.encoder_width must equal the LLM hidden size")
+            raise ConfigError("image_decoder_resampler.encoder_width must equal the LLM hidden size")
         if self.image_decoder_resampler is not None and self.diffusion is None:
-            raise ValueError("an image decoder needs the diffusion model (diffusion=None)")
+            raise ConfigError("an image decoder needs the diffusion model (diffusion=None)")
         if self.base_vocab_size > self.text_vocab_size:
-            raise ValueError("base_vocab_size must not exceed text_vocab_size")
+            raise ConfigError("base_vocab_size must not exceed text_vocab_size")
 
 
 # ------------------------------------------------------------------------------------------ presets
@@ -277,7 +278,7 @@ def with_stage(config: DeemConfig, stage: str, image_size: int | None = None) ->
     * sft_referring: as sft_vqa with mask alignment and no diffusion model.
     `image_size` changes the sniffer resolution (and the feature sizes the MMFS layers expect)."""
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
     cfg = DeemConfig.from_dict(config.to_dict())
     flags = {
         "pretrain_deem": dict(freeze_llm=True, freeze_vfm=False, freeze_dm=True, loss_sniffer_weight=5.0),

@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 from deem.models.config import DeemConfig
 from deem.models.diffusion import DiffusionFeedback, pack_mmfs_features
 from deem.models.llm import DeemLlamaModel, TextHead, VisionContext
+from deem.models.loading import CheckpointError
 from deem.models.multimodal import (
     IGNORE_INDEX,
     add_soi_embedding,
@@ -113,7 +114,13 @@ class DeemModel(DeemPreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> DeemModel:
         """transformers' loading (safetensors, strict key check), then the configured stage's trainable set."""
-        model = super().from_pretrained(*args, **kwargs)
+        from safetensors import SafetensorError
+
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        except (OSError, SafetensorError) as exc:  # no weights file, an unreadable or truncated one
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise CheckpointError(f"{source}: not a loadable deem checkpoint: {exc}") from exc
         model.apply_stage()
         return model
 

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deem.errors import UserError
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SHOWN = 8  # keys quoted per problem in an error message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model: names the file and the offending keys."""
 
 

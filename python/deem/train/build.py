@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from deem.data.tokenizer import DeemTokenizer
-from deem.models import DeemConfig, DeemModel, deem_7b, tiny, with_stage
-from deem.models.weights import load_weights, read_state_dict
+from deem.errors import ConfigError
+from deem.models import STAGES, DeemConfig, DeemModel, deem_7b, tiny, with_stage
+from deem.models.weights import CheckpointError, load_weights, read_state_dict
 
 
 def tiny_config_for(tokenizer: DeemTokenizer, image_size: int) -> DeemConfig:
@@ -40,25 +41,30 @@ def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
     elif (Path(section.preset) / "config.json").is_file():  # a saved model's architecture (its weights: init_from)
         cfg = DeemConfig.from_pretrained(section.preset)
     else:
-        raise ValueError(
+        raise ConfigError(
             f"model.preset must be 'tiny', 'deem_7b' or a saved model directory (with config.json), got "
             f"{section.preset!r}"
         )
+    if section.stage not in STAGES:
+        raise ConfigError(f"model.stage: unknown stage {section.stage!r}; expected one of {list(STAGES)}")
     cfg = with_stage(cfg, section.stage, image_size=section.image_size if section.preset != "tiny" else None)
     for key, value in section.overrides.items():
         if not hasattr(cfg, key):
-            raise ValueError(f"model.overrides: DeemConfig has no attribute {key!r}")
+            raise ConfigError(f"model.overrides: DeemConfig has no attribute {key!r}")
         setattr(cfg, key, value)
-    cfg._validate()
+    try:
+        cfg._validate()
+    except ConfigError as err:
+        raise ConfigError(f"model.overrides {section.overrides}: {err}" if section.overrides else str(err)) from err
     if cfg.special_tokens != tokenizer.special.as_dict():
-        raise ValueError(
+        raise ConfigError(
             f"the model's special-token ids {cfg.special_tokens} differ from the tokenizer's "
             f"{tokenizer.special.as_dict()}: the {section.preset} preset needs a tokenizer with its id layout"
         )
     if tokenizer.vocab_size > cfg.text_vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {cfg.text_vocab_size}")
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {cfg.text_vocab_size}")
     if cfg.num_img_token != tokenizer.num_img_token:
-        raise ValueError(
+        raise ConfigError(
             f"the model takes {cfg.num_img_token} image tokens, the tokenizer writes {tokenizer.num_img_token}"
         )
     return cfg
@@ -67,8 +73,12 @@ def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
 def init_from(model: DeemModel, spec) -> dict[str, Any]:
     """Load a previous stage's exported weights: every model key must come from the checkpoint unless listed
     in `allow_missing`; every checkpoint key must exist in the model unless listed in `drop` (prefixes)."""
+    try:
+        state = read_state_dict(spec.path)
+    except CheckpointError as err:
+        raise CheckpointError(f"init_from: {err}") from err
     report = load_weights(
-        model, read_state_dict(spec.path), source=f"init_from {spec.path}", allow_missing=spec.allow_missing,
+        model, state, source=f"init_from {spec.path}", allow_missing=spec.allow_missing,
         drop=spec.drop, hints={"unexpected": "list their prefixes in init_from.drop to discard them",
                                "missing": "list their prefixes in init_from.allow_missing to keep them fresh"})
     return {"loaded": len(report.loaded), "dropped": len(report.ignored), "fresh": report.missing}
@@ -83,7 +93,10 @@ def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[st
     if section.components:
         unknown = set(section.components) - {"llm", "diffusion", "sniffer"}
         if unknown:
-            raise ValueError(f"model.components: unknown keys {sorted(unknown)} (llm, diffusion, sniffer)")
+            raise ConfigError(f"model.components: unknown keys {sorted(unknown)} (llm, diffusion, sniffer)")
+        for key, path in section.components.items():
+            if not Path(path).exists():
+                raise ConfigError(f"model.components.{key}: {path} does not exist")
         model, reports = DeemModel.from_components(
             cfg,
             llm_path=section.components.get("llm"),

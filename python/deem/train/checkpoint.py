@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from deem.models.loading import CheckpointError
+
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 # files up to this size are hashed in the manifest; larger ones (weights and optimizer states of big models) are
@@ -312,7 +314,7 @@ class CheckpointManager:
         """Everything this rank needs to resume from `path`."""
         state = json.loads((path / STATE_FILE).read_text())
         if state.get("world_size") != self.world_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was written by {state.get('world_size')} ranks; resuming with "
                 f"{self.world_size} would change the data order"
             )

@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 
 import yaml
 
+from deem.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A training config that cannot work: names the key and the problem."""
+__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "parse_override"]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -24,7 +24,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw)
+    try:
+        return key.split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from err
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -79,6 +89,16 @@ class InitFrom:
     path: str
     drop: list[str] = field(default_factory=list)
     allow_missing: list[str] = field(default_factory=list)
+
+
+def _init_from(init: Any) -> InitFrom:
+    if not isinstance(init, dict) or "path" not in init:
+        raise ConfigError(f"init_from: expected a path or a mapping with `path` (and `drop`, `allow_missing`), "
+                          f"got {init!r}")
+    bad = sorted(set(init) - set(InitFrom.__dataclass_fields__))
+    if bad:
+        raise ConfigError(f"init_from: unknown keys {bad}; expected {sorted(InitFrom.__dataclass_fields__)}")
+    return InitFrom(**init)
 
 
 @dataclass
@@ -166,6 +186,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a training config is a mapping of sections, got {type(raw).__name__}")
         raw = copy.deepcopy(raw)
         known = set(cls.SECTIONS) | {"output_dir", "init_from"}
         unknown = sorted(set(raw) - known)
@@ -176,6 +198,8 @@ class TrainConfig:
         kwargs: dict[str, Any] = {"output_dir": str(raw["output_dir"]), "raw": copy.deepcopy(raw)}
         for name, section in cls.SECTIONS.items():
             values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
             fields = set(section.__dataclass_fields__)
             bad = sorted(set(values) - fields)
             if bad:
@@ -183,7 +207,7 @@ class TrainConfig:
             kwargs[name] = section(**_coerce(section, name, values))
         if raw.get("init_from"):
             init = raw["init_from"]
-            kwargs["init_from"] = InitFrom(path=init) if isinstance(init, str) else InitFrom(**init)
+            kwargs["init_from"] = InitFrom(path=init) if isinstance(init, str) else _init_from(init)
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg
@@ -192,9 +216,20 @@ class TrainConfig:
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: no such training config")
-        raw = yaml.safe_load(path.read_text()) or {}
-        return cls.from_dict(apply_overrides(raw, overrides or []))
+            raise ConfigError(f"{path}: no such training config" + (" (a directory)" if path.is_dir() else ""))
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a training config is a mapping of sections, got {type(raw).__name__}")
+        raw = apply_overrides(raw, overrides or [])
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
 
     def validate(self) -> None:
         if self.run.precision not in ("fp32", "bf16", "fp16"):

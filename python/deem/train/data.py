@@ -5,6 +5,7 @@ the batches it delivered (per source, kept in the checkpoint)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,9 +13,10 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from deem.data import build_collator, build_dataset, load_tokenizer
 from deem.data.cli import load_data_config
-from deem.data.errors import BadSampleTracker, CountDeltas, Counts, merge_counts, snapshot
+from deem.data.errors import BadSampleTracker, CountDeltas, Counts, DataError, merge_counts, snapshot
 from deem.data.registry import trackers_of
 from deem.data.tokenizer import DeemTokenizer
+from deem.errors import ConfigError
 
 
 class ResumableSampler(Sampler[int]):
@@ -24,7 +26,8 @@ class ResumableSampler(Sampler[int]):
         self.size, self.seed, self.rank, self.world_size, self.batch_size = size, seed, rank, world_size, batch_size
         self.per_rank = (size // world_size // batch_size) * batch_size  # full batches only, equal on every rank
         if self.per_rank == 0:
-            raise ValueError(f"dataset of {size} samples gives no full batch of {batch_size} on {world_size} ranks")
+            raise ConfigError(f"data.batch_size: a dataset of {size} samples gives no full batch of {batch_size} "
+                              f"on {world_size} ranks")
         self.epoch = 0
         self.start = 0
 
@@ -73,12 +76,22 @@ class TrainData:
         rank: int,
         world_size: int,
     ) -> None:
-        cfg = load_data_config(config_path, root)
-        entries = {e.get("name"): e for e in cfg.get("train", [])}
+        self.config_path = config_path
+        try:
+            cfg = load_data_config(config_path, root)
+        except DataError as err:
+            missing_relative = not Path(config_path).is_absolute() and not Path(config_path).exists()
+            cwd = f" (relative to the current directory {Path.cwd()})" if missing_relative else ""
+            raise ConfigError(f"data.config: {err}{cwd}") from err
+        train = cfg.get("train") or []
+        entries = {e.get("name"): e for e in (train if isinstance(train, list) else [train]) if isinstance(e, dict)}
         if dataset_name not in entries:
-            raise ValueError(
-                f"{config_path}: no train dataset named {dataset_name!r} (have {sorted(map(str, entries))})"
+            raise ConfigError(
+                f"data.dataset: {config_path} has no train dataset named {dataset_name!r} "
+                f"(have {sorted(map(str, entries))})"
             )
+        if "tokenizer" not in cfg:
+            raise ConfigError(f"data.config: {config_path} has no `tokenizer` entry")
         self.tokenizer: DeemTokenizer = load_tokenizer(cfg["tokenizer"])
         entry = entries[dataset_name]
         self.dataset = build_dataset(entry, self.tokenizer, rank=rank, world_size=world_size)
@@ -96,7 +109,7 @@ class TrainData:
             self.collate = None
         else:
             if "collator" not in entry:
-                raise ValueError(f"{config_path}: train dataset {dataset_name!r} has no collator")
+                raise ConfigError(f"{config_path}: train dataset {dataset_name!r} has no collator")
             self.stream = None
             self.collate = _CountingCollate(build_collator(entry["collator"], self.tokenizer), trackers)
             self.sampler = ResumableSampler(len(self.dataset), seed, rank, world_size, batch_size)
@@ -146,7 +159,7 @@ class TrainData:
                 self._advance(batch)
                 yield {k: _to_device(v, device) for k, v in batch.items()}
             if not produced and self.epoch > 1000:
-                raise RuntimeError("the training data yields no batches")
+                raise DataError(f"{self.config_path}: the training data yields no batches")
             self._next_epoch()
 
     def _advance(self, batch: dict[str, Any] | None) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import yaml
 
+from deem.errors import ConfigError
 from deem.models import LOSS_KEYS, DeemModel
 from deem.models.multimodal import num_text_targets
-from deem.models.weights import load_weights
+from deem.models.weights import CheckpointError, load_weights
 from deem.train.build import FROZEN_INIT_FILE, build_model, generated_frozen, load_frozen_init
 from deem.train.checkpoint import CheckpointManager, set_rng_state, write_atomic
 from deem.train.config import TrainConfig
@@ -44,13 +45,13 @@ class Trainer:
             from accelerate.utils import DeepSpeedPlugin
 
             if not torch.cuda.is_available():  # accelerate's CPU mode drops the DeepSpeed plugin
-                raise RuntimeError(f"run.deepspeed={cfg.run.deepspeed}: DeepSpeed training needs CUDA devices and "
+                raise ConfigError(f"run.deepspeed={cfg.run.deepspeed}: DeepSpeed training needs CUDA devices and "
                                    "none is visible; drop run.deepspeed to train on the CPU")
             ds_config = json.loads(Path(cfg.run.deepspeed).read_text())
             # batches are built by deem's data layer, not by a prepared DataLoader: give DeepSpeed the per-device
             # batch explicitly (streams batch themselves; the value only feeds DeepSpeed's throughput accounting)
             if cfg.eval.every and ds_config.get("zero_optimization", {}).get("stage") == 3:
-                raise ValueError("eval.every with ZeRO-3: generation runs different modules on each rank, which "
+                raise ConfigError("eval.every with ZeRO-3: generation runs different modules on each rank, which "
                                  "partitioned weights cannot follow; evaluate the exported weights with deem eval")
             if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
@@ -459,11 +460,15 @@ def export_weights(run_dir: str | Path, out_dir: str | Path, checkpoint: str | N
     from deem.data.cli import load_data_config
 
     run_dir = Path(run_dir)
+    if not (run_dir / "train_config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a training run directory (no train_config.yaml; give the "
+                              "output_dir of a `deem train` run)")
     cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / "train_config.yaml").read_text()))
     ckpt = CheckpointManager(run_dir / "checkpoints", keep=1)
     path = run_dir / "checkpoints" / checkpoint if checkpoint else ckpt.latest()
     if path is None or not (path / "weights.safetensors").exists():
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+        raise CheckpointError(f"{path or run_dir / 'checkpoints'}: no checkpoint to export (expected a "
+                              "step-N directory with weights.safetensors, written by `deem train`)")
     tokenizer = load_tokenizer(load_data_config(cfg.data.config, cfg.data.root)["tokenizer"])
     model, _ = build_model(cfg, tokenizer)
     if (run_dir / FROZEN_INIT_FILE).exists():

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deem.errors import ConfigError
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
 
 
@@ -68,7 +70,7 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
 def build_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, list[dict[str, Any]]]:
     groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.groups)
     if not groups:
-        raise ValueError("no trainable parameters: check the stage's freezing flags")
+        raise ConfigError("no trainable parameters: check the stage's freezing flags")
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
         lr=cfg.optim.lr,
