@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from deem.infer.engine import InferenceEngine, TokenEvent
 from deem.infer.inputs import image_url_bytes
 from deem.infer.openai_api import (
@@ -125,11 +130,6 @@ def create_app(engine: InferenceEngine, model_name: str = "deem", *, max_batch_s
                file_roots: Sequence[str | Path] | None = None):
     """The FastAPI application (its scheduler starts and stops with the app). `file_roots`: directories whose
     files `file://` image URLs may name (None: any readable file)."""
-    from fastapi import FastAPI
-    from fastapi import Request as HttpRequest
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     scheduler = Scheduler(engine, max_batch_size)
     created = int(time.time())
     image_limit = engine.max_images if max_images is None else min(max_images, engine.max_images)
