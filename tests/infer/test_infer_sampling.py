@@ -144,3 +144,13 @@ def test_generate_images_and_test_time_adaptation_through_the_engine(engine, ima
     after = engine.generate([request])[0]
     assert _tokens(after) == _tokens(before)  # the weights are restored exactly
     assert _tokens(adapted) != _tokens(before)  # generation inside used the adapted visual tokenizer
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager_on_the_cpu(engine):
+    from deem.infer import InferenceEngine
+
+    compiled = InferenceEngine(engine.model, engine.tokenizer, compile=True)
+    for params in (dict(max_new_tokens=10), dict(max_new_tokens=6, num_beams=3)):
+        req = [_request(engine, **params)]
+        assert _tokens(compiled.generate(req)[0]) == _tokens(engine.generate(req)[0])
