@@ -13,8 +13,11 @@ Engine rows run after one warm-up request of the same shape (it captures the CUD
 capture time is reported separately). Medians over `--repeats` runs (transformers: `--hf-repeats`).
 
     python benchmarks/generate.py                      # GPU, writes benchmarks/results/generate.json
-    python benchmarks/generate.py --compile            # also the torch.compile'd decode step
+    python benchmarks/generate.py --no-compile         # without the torch.compile'd engine rows
     python benchmarks/generate.py --tiny               # CPU smoke check (tiny model), generate_tiny.json
+
+Engine rows: "CUDA graphs" (eager kernels captured per bucket), "compile + CUDA graphs" (the decoder layer
+compiled by torch.compile, default mode, then captured), "eager" (no graph, for reference).
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--beams", type=int, default=5, help="also a batch-1 beam-search row with this many beams (0: no)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-repeats", type=int, default=1)
-    p.add_argument("--compile", action="store_true", help="also the engine with a torch.compile'd decode step")
+    p.add_argument("--no-compile", action="store_true", help="skip the engine rows with torch.compile'd layers")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     engines = {"engine (CUDA graphs)": dict(cuda_graphs=True), "engine (eager)": dict(cuda_graphs=False)}
     if args.tiny:
         engines = {"engine (CPU)": dict(cuda_graphs=False)}
-    if args.compile:
+    if not args.no_compile:
         engines["engine (compile + CUDA graphs)" if not args.tiny else "engine (compile)"] = dict(
             cuda_graphs=not args.tiny, compile=True)
     cases = [(b, 1) for b in args.batch_sizes] + ([(1, args.beams)] if args.beams > 1 else [])

@@ -57,7 +57,7 @@ def _pow2(x: int) -> int:
 class InferenceEngine:
     """Generation over `model` (a `DeemModel`, moved to its device and dtype beforehand); `tokenizer` (a
     `DeemTokenizer`) gives texts and stop strings. `cuda_graphs` (default: on a GPU) captures the decode step per
-    bucket; `compile` runs it through torch.compile first. `max_batch_size`: requests decoded together."""
+    bucket; `compile` runs its layers through torch.compile first. `max_batch_size`: requests decoded together."""
 
     def __init__(self, model, tokenizer=None, *, cuda_graphs: bool | None = None, compile: bool = False,
                  max_batch_size: int = 8) -> None:
@@ -84,14 +84,12 @@ class InferenceEngine:
             log.warning("the MMFS feature maps are not proportional to their spatial_shapes: decoding without "
                         "CUDA graphs (the per-level MMFS path copies a scale table to the device)")
             use_graphs = False
-        step = self.forward.decode
         if compile:
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            step = torch.compile(step, dynamic=False)
-        self._step_fn = step
-        self.graphs = StepGraphs(step) if use_graphs else None
+            self.forward.compile_layers()
+        self.graphs = StepGraphs(self.forward.decode) if use_graphs else None
         self._inputs: dict[Bucket, DecodeInputs] = {}
         self._inputs_version = -1
         self._host: torch.Tensor | None = None
@@ -231,7 +229,7 @@ class InferenceEngine:
     def _step(self, inp: DecodeInputs) -> torch.Tensor:
         if self.graphs is not None:
             return self.graphs.run(inp, self.arena.version)
-        return self._step_fn(inp)
+        return self.forward.decode(inp)
 
     def _feed(self, inp: DecodeInputs, tokens: torch.Tensor, row_lengths: torch.Tensor, step: int) -> torch.Tensor:
         inp.tokens.copy_(tokens)

@@ -149,21 +149,35 @@ class DecoderForward:
         cos, sin = self.llm.rotary_emb(h, inp.positions.view(R, 1))
         new_mask = inp.new_index > inp.step  # [new] columns not written yet
         for i, layer in enumerate(self.layers):
-            residual = h
-            q, k, v = self._qkv(layer, h, cos, sin)  # [R, heads, 1, dh]
-            views.new[i, 0].index_copy_(2, inp.step, k)
-            views.new[i, 1].index_copy_(2, inp.step, v)
-            o = self._attend(q, views.prompt[i, 0], views.prompt[i, 1], inp.prompt_bias, views.new[i, 0],
-                             views.new[i, 1], new_mask, B, K)
-            h = residual + layer.self_attn.o_proj(o)
             c = self.cross_index.get(i)
+            cross = None
             if c is not None and b.images > 0:
-                values = views.values[c]
-                out = self.cross[c].attend(h.view(B, K, -1), values, self.shapes, inp.visible, inp.terms[c],
-                                           self.logit_rows[c])
-                h = h + (out * inp.has_images).view(R, 1, -1)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+                cross = (self.cross[c], views.values[c], inp.visible, inp.terms[c], self.logit_rows[c], inp.has_images)
+            h = self.layer_step(layer, h, cos, sin, views.new[i, 0], views.new[i, 1], views.prompt[i, 0],
+                                views.prompt[i, 1], inp.step, inp.prompt_bias, new_mask, B, K, cross)
         return self.model.text_head(self.llm.norm(h[:, 0])).float()
+
+    def compile_layers(self, **options) -> None:
+        """torch.compile the per-layer decode step: every layer of one kind (with / without cross-attention)
+        reuses one compiled graph (their weights are graph inputs), so compiling costs two traces per bucket."""
+        self.layer_step = torch.compile(self._layer_step, dynamic=False, **options)
+
+    def layer_step(self, *args) -> torch.Tensor:
+        return self._layer_step(*args)
+
+    def _layer_step(self, layer, h, cos, sin, kn, vn, kp, vp, step, prompt_bias, new_mask, B: int, K: int,
+                    cross) -> torch.Tensor:
+        """One decoder layer for one token per row (writes its K/V at column `step` of kn / vn)."""
+        residual = h
+        q, k, v = self._qkv(layer, h, cos, sin)  # [R, heads, 1, dh]
+        kn.index_copy_(2, step, k)
+        vn.index_copy_(2, step, v)
+        h = residual + layer.self_attn.o_proj(self._attend(q, kp, vp, prompt_bias, kn, vn, new_mask, B, K))
+        if cross is not None:
+            module, values, visible, terms, logit_rows, has_images = cross
+            out = module.attend(h.view(B, K, -1), values, self.shapes, visible, terms, logit_rows)
+            h = h + (out * has_images).view(B * K, 1, -1)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def _attend(self, q, kp, vp, prompt_bias, kn, vn, new_mask, B: int, K: int) -> torch.Tensor:
         """Attention of one query per row over the request's prompt segment and the row's generated segment,
