@@ -63,3 +63,20 @@ def test_chat_keeps_the_conversation_and_its_images(engine, image_files):
     answer = engine.tokenizer.decode(engine.generate([first])[0].sequences[0].tokens, skip_special_tokens=True)
     assert answer.strip() in text  # streamed to the console
     assert len(third.images) == 0 and len(third.prompt_ids) < len(first.prompt_ids)  # /reset
+
+
+def test_serve_command_builds_the_app(checkpoint, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app, host=host, port=port))
+    assert main(["serve", "--checkpoint", str(checkpoint), "--device", "cpu", "--port", "8123",
+                 "--model-name", "tiny", "--max-tokens", "4"]) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    with TestClient(seen["app"]) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user",
+                                                                                       "content": "a red"}]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
