@@ -78,7 +78,7 @@ class TokenSampler:
                 g = torch.Generator(device=device)
                 g.manual_seed(p.seed if p.seed is not None else random_seed())
                 self.generators.append((i * samples, g))
-        self.noise = None if self.all_greedy else torch.empty(rows, vocab, device=device)
+        self.noise = None if self.all_greedy else torch.ones(rows, vocab, device=device)
 
     def process(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The scores greedy decoding takes the argmax of (transformers' logits processors)."""
