@@ -39,6 +39,7 @@ from deem.data.tokenizer import DeemTokenizer, load_tokenizer
 from deem.eval.benchmarks import KINDS, Context, EvalError, Kind, kind_for, record_ids, sample_id, visdial_gt_indices
 from deem.eval.io import PartWriter, atomic_write_json, atomic_write_text, read_json, read_parts
 from deem.eval.vqa_metrics import VQA_METRICS
+from deem.infer import generate_texts
 
 log = logging.getLogger("deem.eval")
 
@@ -322,8 +323,8 @@ def _run_batch(model: Any, tok: DeemTokenizer, batch: dict[str, Any], gen: dict[
                 for row, opts in zip(scores, options)]
     if gen.get("num_beams", 5) == 1:  # no beams: a length penalty has no effect (and transformers warns)
         gen = {k: v for k, v in gen.items() if k != "length_penalty"}
-    out = model.generate_texts(batch["text_ids"], batch["attention_mask"], batch["image_tensors"],
-                               batch["num_image_per_seq"], batch.get("image_tensors_mask"), **gen)
+    out = generate_texts(model, batch["text_ids"], batch["attention_mask"], batch["image_tensors"],
+                         batch["num_image_per_seq"], batch.get("image_tensors_mask"), **gen)  # the inference engine
     if out.shape[0] != n:
         raise EvalError(f"{bench}: the model returned {out.shape[0]} sequences for {n} prompts")
     return [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in out]

@@ -71,10 +71,12 @@ class ImageDecoder(nn.Module):
 
 class _GenerationLM(LlamaForCausalLM):
     """transformers' causal-LM wrapper over our LLM and text head for `generate`; declares `vision_context`
-    so generate forwards it to the model at every step."""
+    so generate forwards it to the model at every step, and `position_ids` so that generate derives them from
+    the attention mask (left-padded prompts: cumsum(mask) - 1, spec/model.md §6.2) instead of counting pads."""
 
-    def forward(self, *args, vision_context: VisionContext | None = None, **kwargs):
-        return super().forward(*args, vision_context=vision_context, **kwargs)
+    def forward(self, *args, position_ids: torch.Tensor | None = None, vision_context: VisionContext | None = None,
+                **kwargs):
+        return super().forward(*args, position_ids=position_ids, vision_context=vision_context, **kwargs)
 
 
 class DeemPreTrainedModel(PreTrainedModel):

@@ -100,6 +100,29 @@ class MMFSCrossAttention(nn.Module):
         )
         return out * self.gate.tanh()
 
+    # The same function in two halves, for an inference engine: the image half once per request, the query half
+    # at every decoding step (`forward` equals `attend(h, image_values(features), ...)` with the full visibility).
+    def image_values(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, n_img, S, vision_width] packed features -> the MMFS values [B, n_img*S, heads, head_dim]."""
+        return self.attn.project_values(self.norm2(features))
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        values: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        visible: torch.Tensor,
+        terms: tuple[torch.Tensor, torch.Tensor] | None = None,
+        logit_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The gated MMFS output for hidden states [B, L, C] over precomputed `values`; visible [B, L, n_img] bool;
+        `terms` / `logit_rows` as in `MMFS.attend` (precomputed per request / per weights)."""
+        L = hidden_states.shape[1]
+        reference = hidden_states.new_full((1, L, 1, 2), 0.5)
+        out = self.attn.attend(self.norm1(hidden_states), reference, values, spatial_shapes, visible, terms,
+                               logit_rows)
+        return out * self.gate.tanh()
+
 
 class MMFSDecoderLayer(LlamaDecoderLayer):
     """LLaMA decoder layer with an optional MMFS block between self-attention and the MLP."""

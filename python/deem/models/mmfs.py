@@ -149,8 +149,17 @@ class MMFS(nn.Module):
         """
         del input_level_start_index
         N, Lq, _ = query.shape
+        n_img = input_flatten.shape[1]
+        shapes = self.check_features(input_flatten, input_spatial_shapes)
+        visible = self._visibility(attention_mask, N, Lq, n_img, query.device)
+        return self.attend(query, reference_points, self.project_values(input_flatten), shapes, visible)
+
+    def check_features(
+        self, input_flatten: torch.Tensor, input_spatial_shapes: torch.Tensor | Sequence[Sequence[int]]
+    ) -> list[tuple[int, int]]:
+        """Validate the image features [N, I, S, d_value] against the level shapes; returns one image's levels."""
         _, n_img, S, _ = input_flatten.shape
-        H, L, P, dh = self.n_heads, self.n_levels, self.n_points, self.head_dim
+        L = self.n_levels
         shapes = _as_shape_list(input_spatial_shapes)
         if len(shapes) == n_img * L and n_img > 1:
             if any(shapes[i] != shapes[i % L] for i in range(len(shapes))):
@@ -163,30 +172,56 @@ class MMFS(nn.Module):
                              f"{sum(h * w for h, w in shapes)}")
         if n_img > self.max_num_image_per_seq - 1:
             raise ValueError(f"MMFS: {n_img} images exceed max_num_image_per_seq={self.max_num_image_per_seq} - 1")
+        return shapes
 
-        visible = self._visibility(attention_mask, N, Lq, n_img, query.device)
+    def project_values(self, input_flatten: torch.Tensor) -> torch.Tensor:
+        """The per-image half of the layer: [N, I, S, d_value] features -> [N, I*S, n_heads, head_dim] values.
+        It does not depend on the queries, so an inference engine computes it once per request."""
+        N, n_img, S, _ = input_flatten.shape
+        return self.value_proj(input_flatten).reshape(N, n_img * S, self.n_heads, self.head_dim)
+
+    def relpos_terms(
+        self, visible: torch.Tensor, logit_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-image table rows added to the offsets and logits of each query ([N, Lq, I, H*P*2] and
+        [N, Lq, I, H*L*P]): they depend only on the visibility, so they are constant over decoding steps."""
         relpos = image_relpos(visible)
+        w_rows, _ = logit_rows if logit_rows is not None else self._logit_rows()
+        off = F.embedding(relpos, F.linear(self.query_relpos.weight, self.sampling_offsets.weight))
+        return off, F.embedding(relpos, F.linear(self.query_relpos.weight, w_rows))
 
-        value = self.value_proj(input_flatten).reshape(N, n_img * S, H, dh)
+    def attend(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        shapes: list[tuple[int, int]],
+        visible: torch.Tensor,
+        terms: tuple[torch.Tensor, torch.Tensor] | None = None,
+        logit_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The per-query half: queries [N, Lq, d_query] over projected values ([N, I*S, H, dh], `project_values`)
+        with visibility [N, Lq, I] (bool). `terms` (`relpos_terms`) and `logit_rows` (`_logit_rows`) may be
+        precomputed; they broadcast over Lq."""
+        N, Lq, _ = query.shape
+        n_img = visible.shape[-1]
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        w_rows, b_rows = logit_rows if logit_rows is not None else self._logit_rows()
+        off_term, logit_term = terms if terms is not None else self.relpos_terms(visible, (w_rows, b_rows))
         q = self.dynamic_offset_mask(query)
         # Offsets and logits: per-query term + per-image table row (linearity of the Linear).
-        off = self.sampling_offsets(q)[:, :, None] + F.embedding(
-            relpos, F.linear(self.query_relpos.weight, self.sampling_offsets.weight))
-        w_rows, b_rows = self._logit_rows()
-        logit_table = F.linear(self.query_relpos.weight, w_rows)
-        logits = F.linear(q, w_rows, b_rows)[:, :, None] + F.embedding(relpos, logit_table)
+        off = self.sampling_offsets(q)[:, :, None] + off_term
+        logits = F.linear(q, w_rows, b_rows)[:, :, None] + logit_term
         op_dtype = location_dtype(value.dtype)
         off = off.to(op_dtype).view(N, Lq, n_img, H, P, 2)
         logits = logits.to(op_dtype).view(N, Lq, n_img, H, L, P)
         ref = reference_points.to(op_dtype).reshape(-1, Lq, 1, 1, 1, 2)
 
         fx, fy = self._level_factors(shapes)
-        level_invariant = all(math.isclose(f, fx[0], rel_tol=1e-6) for f in fx) and all(
-            math.isclose(f, fy[0], rel_tol=1e-6) for f in fy)
         spatial = torch.tensor(shapes, dtype=torch.int64)
         starts = torch.tensor([0, *[h * w for h, w in shapes][:-1]], dtype=torch.int64).cumsum(0)
-        ignore = self.ignore_token.view(H, dh)
-        if level_invariant:
+        ignore = self.ignore_token.view(H, self.head_dim)
+        if self.level_invariant(shapes):
             # Python scalars, not a device tensor: no host-to-device copy (CUDA-graph capturable)
             if fx[0] == fy[0]:
                 loc = ref + off * fx[0]
@@ -197,6 +232,13 @@ class MMFS(nn.Module):
         else:
             out = self._forward_per_level(value, spatial, ref, off, logits, visible, ignore, fx, fy)
         return self.output_proj(out.to(value.dtype))
+
+    def level_invariant(self, shapes: list[tuple[int, int]]) -> bool:
+        """Whether one location scale serves every level (the fused core; else the per-level path, which copies
+        a scale table to the device and cannot be captured in a CUDA graph)."""
+        fx, fy = self._level_factors(shapes)
+        return all(math.isclose(f, fx[0], rel_tol=1e-6) for f in fx) and all(
+            math.isclose(f, fy[0], rel_tol=1e-6) for f in fy)
 
     @staticmethod
     def _visibility(mask: torch.Tensor | None, N: int, Lq: int, n_img: int, device: torch.device) -> torch.Tensor:
