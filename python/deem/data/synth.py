@@ -112,7 +112,7 @@ def random_scene(rng: np.random.Generator, index: int, max_shapes: int = 3) -> S
     shapes = []
     for slot in sorted(slots):
         size = "large" if rng.random() < 0.5 else "small"
-        radius = float(rng.uniform(0.13, 0.16) if size == "large" else rng.uniform(0.07, 0.09))
+        radius = float(rng.uniform(0.14, 0.16) if size == "large" else rng.uniform(0.09, 0.11))
         cx = (0.2, 0.5, 0.8)[slot] + float(rng.uniform(-0.03, 0.03))
         cy = float(rng.uniform(0.3, 0.7))
         shapes.append(Shape(SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
@@ -172,16 +172,16 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str
          else f"Which shape is {s.where}?", s.kind, "other"),
         ("How many shapes are there?", str(len(scene.shapes)), "number"),
     ]
-    # balanced yes/no: half of the questions name a shape that is in the scene
-    if rng.random() < 0.5:
-        shown = scene.shapes[int(rng.integers(len(scene.shapes)))]
-        kind, colour = shown.kind, shown.colour
-    else:
-        absent = [(k, c) for k in SHAPES for c in COLOURS
-                  if not any(x.kind == k and x.colour == c for x in scene.shapes)]
-        kind, colour = absent[int(rng.integers(len(absent)))]
-    present = any(x.kind == kind and x.colour == colour for x in scene.shapes)
-    qa.append((f"Is there a {colour} {kind}?", "yes" if present else "no", "yes/no"))
+    # yes/no, balanced within every image: one question names a shape that is there, one a shape that is not
+    # (half of the time a present kind in another colour, as POPE's adversarial negatives do)
+    shown = scene.shapes[int(rng.integers(len(scene.shapes)))]
+    absent = [(k, c) for k in SHAPES for c in COLOURS if not any(x.kind == k and x.colour == c for x in scene.shapes)]
+    same_kind = [a for a in absent if a[0] == shown.kind]
+    pool = same_kind if same_kind and rng.random() < 0.5 else absent
+    kind, colour = pool[int(rng.integers(len(pool)))]
+    pairs = [((shown.kind, shown.colour), "yes"), ((kind, colour), "no")]
+    for (k, c), answer in (pairs if rng.random() < 0.5 else pairs[::-1]):
+        qa.append((f"Is there a {c} {k}?", answer, "yes/no"))
     if len(scene.shapes) > 1:
         qa.append(("Which shape is on the left?", scene.shapes[0].kind, "other"))
     return qa

@@ -8,7 +8,8 @@ from typing import Any
 
 from deem.models import DeemConfig
 
-DIFFUSION_SIZE = 16  # the diffusion view's side (the sniffer reads 32 px)
+ENCODER_SIZE = 64  # the image encoder's input side (the data config's `resolution`)
+DIFFUSION_SIZE = 16  # the diffusion view's side (`resolution_dec`)
 
 
 @dataclass
@@ -17,6 +18,7 @@ class DemoPlan:
 
     num_train_images: int = 1000
     num_test_images: int = 100
+    pretraining_images: int = 10000  # fresh scenes the stand-ins for the pretrained components are fitted on
     vae_steps: int = 300
     unet_steps: int = 600
     encoder_steps: int = 800
@@ -34,8 +36,9 @@ class DemoPlan:
     @classmethod
     def quick(cls) -> DemoPlan:
         """A few steps of everything (CI): checks the pipeline, not the results."""
-        return cls(num_train_images=60, num_test_images=8, vae_steps=3, unet_steps=3, encoder_steps=3,
-                   components_steps=4, stage1_steps=3, stage2_steps=4, batch_size=4, generated_images=4)
+        return cls(num_train_images=60, num_test_images=8, pretraining_images=64, vae_steps=3, unet_steps=3,
+                   encoder_steps=3, components_steps=4, stage1_steps=3, stage2_steps=4, batch_size=4,
+                   generated_images=4)
 
     def scaled(self, factor: float) -> DemoPlan:
         """Every stage's steps times `factor` (at least one)."""
@@ -46,7 +49,7 @@ class DemoPlan:
 
 
 def demo_model_config(tiny_config: DeemConfig) -> DeemConfig:
-    """The demo's model: the tiny preset (its tokenizer's ids, 32 px sniffer) with a diffusion side that can
+    """The demo's model: the tiny preset (its tokenizer's ids, 64 px sniffer) with a diffusion side that can
     learn to draw the world in CPU seconds: 16 px images (the data config's `resolution_dec`), a 2-block VAE
     (8 x 8 x 4 latents), a [16, 32]-channel UNet with 32-wide cross-attention, and an image-decoder Q-Former
     of that width."""

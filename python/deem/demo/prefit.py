@@ -6,9 +6,9 @@
   for SD's CLIP text encoder, discarded afterwards except for the empty-caption embedding that starts the
   image decoder's negative prompt), trained with 10 % dropped captions for classifier-free guidance;
 * `prefit_encoder`: the CLIP image encoder (sniffer trunk, adapters, Q-Former and the projection into the LLM),
-  fitted contrastively against captions that leave the shapes' colours out, with random hue rotations of
-  the images. Like CLIP, it keeps what its captions name and becomes invariant to what they do not: the bias
-  the diffusion feedback of DEEM's stage 1 is meant to correct.
+  fitted to what captions that leave the shapes' colours out say, with random hue rotations of the images.
+  Like CLIP, it keeps what its captions name and becomes invariant to what they do not: the bias the
+  diffusion feedback of DEEM's stage 1 is meant to correct.
 
 All three draw every random number from one `torch.Generator` (the same seed gives the same weights).
 """
@@ -90,6 +90,15 @@ def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
         yield torch.randint(0, n, (min(batch, n),), generator=generator)
 
 
+def _optimizer(params, lr: float, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the training recipe's schedule: 5 % linear warm-up, then cosine decay to 0."""
+    from deem.train.optim import warmup_cosine
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s + 1, warmup, steps + 1))
+
+
 def prefit_vae(model: DeemModel, images_dec: torch.Tensor, steps: int, generator: torch.Generator,
                batch: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6, on_step: OnStep = None) -> FitLog:
     """Fit the model's VAE to reconstruct `images_dec` [N, 3, s, s] in [0, 1], then set its scaling factor to
@@ -97,7 +106,7 @@ def prefit_vae(model: DeemModel, images_dec: torch.Tensor, steps: int, generator
     vae = model.diffusion.vae
     vae.requires_grad_(True)
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt, schedule = _optimizer(list(vae.parameters()), lr, steps)
     x_all = images_dec * 2 - 1
     losses = []
     for idx in _batches(len(x_all), batch, steps, generator):
@@ -108,6 +117,7 @@ def prefit_vae(model: DeemModel, images_dec: torch.Tensor, steps: int, generator
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(losses[-1])
@@ -154,15 +164,15 @@ def prefit_unet(model: DeemModel, images_dec: torch.Tensor, caption_ids: list[li
     unet.requires_grad_(True)
     unet.train()
     params = [*unet.parameters(), *text.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = diffusion.alphas_cumprod
+    opt, schedule = _optimizer(params, lr, steps)
+    alphas = diffusion.alphas_cumprod
     T = diffusion.num_train_timesteps
     losses = []
     for idx in _batches(len(mean), batch, steps, generator):
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, T, (len(idx),), generator=generator)
-        ac = schedule[t].view(-1, 1, 1, 1)
+        ac = alphas[t].view(-1, 1, 1, 1)
         noisy = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
         ids = ids_all[idx].clone()
         drop = torch.rand(len(idx), generator=generator) < uncond_prob
@@ -174,6 +184,7 @@ def prefit_unet(model: DeemModel, images_dec: torch.Tensor, caption_ids: list[li
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(losses[-1])
@@ -182,42 +193,75 @@ def prefit_unet(model: DeemModel, images_dec: torch.Tensor, caption_ids: list[li
     return FitLog("UNet (text-to-image, noise MSE)", losses), text
 
 
-def prefit_encoder(model: DeemModel, images: torch.Tensor, caption_ids: list[list[int]], pad_id: int,
-                   steps: int, generator: torch.Generator, batch: int = 128, lr: float = 2e-3,
-                   dim: int = 64, on_step: OnStep = None) -> FitLog:
-    """Fit the visual tokenizer (sniffer, adapters, Q-Former, projection into the LLM) contrastively against
-    the captions `caption_ids` (one per image, the colour-free alt-text) with a symmetric InfoNCE loss;
-    images that share a caption are all positives. Every image gets a random hue rotation (like CLIP's
-    augmentations: invariance to what the captions do not name)."""
+SLOTS = ("left", "middle", "right")
+
+
+def caption_targets(scenes, colours: bool) -> tuple[torch.Tensor, list[int]]:
+    """What a caption says about each scene, as classification targets: per position slot (left / middle / right)
+    the shape's kind, size and (with `colours`) colour, or "nothing there", and the background. Returns
+    [N, n_targets] class indices and the number of classes of each target."""
+    from deem.data.synth import BACKGROUNDS, COLOURS, SHAPES
+
+    rows = []
+    for ws in scenes:
+        by_slot = {s.position: s for s in ws.shapes}
+        row = []
+        for slot in SLOTS:
+            shape = by_slot.get(slot)
+            row += [0 if shape is None else 1 + SHAPES.index(shape.kind),
+                    0 if shape is None else 1 + ("small", "large").index(shape.size)]
+            if colours:
+                row.append(0 if shape is None else 1 + list(COLOURS).index(shape.colour))
+        rows.append([*row, BACKGROUNDS.index(ws.background)])
+    sizes = [1 + len(SHAPES), 3, *([1 + len(COLOURS)] if colours else [])] * len(SLOTS) + [len(BACKGROUNDS)]
+    return torch.tensor(rows), sizes
+
+
+def prefit_encoder(model: DeemModel, images: torch.Tensor, targets: torch.Tensor, sizes: list[int], steps: int,
+                   generator: torch.Generator, batch: int = 128, lr: float = 3e-3, hue: bool = True,
+                   on_step: OnStep = None) -> FitLog:
+    """The stand-ins for CLIP and the BLIP-2 Q-Former, in that order: first the image encoder (sniffer trunk and
+    adapters) learns to predict from its tokens what the images' captions say (`caption_targets`), then, with
+    the trunk frozen, the Q-Former and its projection into the LLM learn to carry the same from the tokens they
+    produce; each through a linear head discarded afterwards. Half of `steps` each. (Caption supervision stands
+    in for CLIP's contrastive pre-training: a contrastive fit of this tiny encoder needs many times the CPU
+    budget for equally readable tokens.) With `hue`, every image gets a random hue rotation: the encoder learns
+    to ignore what the captions do not name."""
     visual = model.visual_tokenizer
-    hidden = visual.proj_t.out_features
-    text = CaptionEncoder(max(max(s) for s in caption_ids) + 1, dim, max_len=max(len(s) for s in caption_ids) + 1,
-                          pad_id=pad_id)
-    image_head = nn.Linear(hidden, dim)
-    logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-    ids_all = pad_ids(caption_ids, pad_id)
-    # the same caption -> the same id (several images can share a colour-free caption)
-    caption_key = torch.tensor([hash(tuple(s)) % (2**61) for s in caption_ids])
-    visual.requires_grad_(True)
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    losses: list[float] = []
+
+    def fit(features, width: int, params: list[nn.Parameter], n_steps: int) -> None:
+        head = nn.Linear(width, sum(sizes))
+        opt, schedule = _optimizer([*params, *head.parameters()], lr, n_steps)
+        for idx in _batches(len(images), batch, n_steps, generator):
+            x = images[idx]
+            if hue:
+                x = hue_rotate(x, torch.rand(len(idx), generator=generator) * (2 * math.pi))
+            logits = head(features(x))
+            loss = sum(F.cross_entropy(logits[:, bounds[k] : bounds[k + 1]], targets[idx, k])
+                       for k in range(len(sizes)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(losses[-1])
+
     visual.train()
-    params = [*visual.parameters(), *text.parameters(), *image_head.parameters(), logit_scale]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    for idx in _batches(len(images), batch, steps, generator):
-        angles = torch.rand(len(idx), generator=generator) * (2 * math.pi)
-        x = hue_rotate(images[idx], angles)
-        img = F.normalize(image_head(visual(x).embeds.mean(1)), dim=-1)
-        txt = F.normalize(text.pooled(ids_all[idx]), dim=-1)
-        logits = img @ txt.t() * logit_scale.exp().clamp(max=100.0)
-        same = (caption_key[idx][:, None] == caption_key[idx][None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
-                      + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(losses[-1])
+    visual.requires_grad_(False)
+    sniffer = visual.sniffer
+    sniffer.requires_grad_(True)
+    with torch.no_grad():
+        n_trunk_tokens = sniffer(images[:1]).tokens.numel()
+    fit(lambda x: sniffer(x).tokens.flatten(1), n_trunk_tokens, list(sniffer.parameters()), steps // 2)
+    sniffer.requires_grad_(False)
+    head_params = [p for n, p in visual.named_parameters() if not n.startswith("sniffer.")]
+    for p in head_params:
+        p.requires_grad_(True)
+    width = model.config.num_img_token * visual.proj_t.out_features
+    fit(lambda x: visual(x).embeds.flatten(1), width, head_params, steps - steps // 2)
+    visual.requires_grad_(True)
     visual.eval()
-    return FitLog("image encoder (contrastive, colour-free captions)", losses)
+    return FitLog("image encoder, then Q-Former (caption words, colours left out)", losses)

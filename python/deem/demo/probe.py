@@ -61,6 +61,8 @@ def probe_attributes(model: DeemModel, train: tuple[torch.Tensor, list[WorldScen
         "kind of a shape (maps)": _ridge_accuracy(
             shapes_train, per_shape(sc_train, KIND_NAMES, "kind"), shapes_test,
             per_shape(sc_test, KIND_NAMES, "kind"), len(KIND_NAMES)),
+        "colour of the shape at each position (tokens)": _slot_colour(tokens_train, sc_train, tokens_test, sc_test),
+        "kind of the shape at each position (tokens)": _slot_kind(tokens_train, sc_train, tokens_test, sc_test),
         "number of shapes (tokens)": _ridge_accuracy(
             tokens_train, torch.tensor([len(ws.shapes) - 1 for ws in sc_train]), tokens_test,
             torch.tensor([len(ws.shapes) - 1 for ws in sc_test]), 3),
@@ -69,3 +71,37 @@ def probe_attributes(model: DeemModel, train: tuple[torch.Tensor, list[WorldScen
             torch.tensor([backgrounds.index(ws.background) for ws in sc_test]), len(backgrounds)),
     }
     return out
+
+
+_SLOTS = ("left", "middle", "right")
+
+
+def _slot_probe(x_train, sc_train, x_test, sc_test, names, attr) -> float:
+    """Per position slot, a probe from the visual tokens of the attribute of the shape there (images with a shape
+    in that slot); the accuracy over all slots."""
+    def rows(scenes, slot):
+        idx, ys = [], []
+        for i, ws in enumerate(scenes):
+            shape = next((s for s in ws.shapes if s.position == slot), None)
+            if shape is not None:
+                idx.append(i)
+                ys.append(names.index(getattr(shape, attr)))
+        return torch.tensor(idx, dtype=torch.long), torch.tensor(ys, dtype=torch.long)
+
+    hits = total = 0.0
+    for slot in _SLOTS:
+        (i_tr, y_tr), (i_te, y_te) = rows(sc_train, slot), rows(sc_test, slot)
+        if len(i_tr) == 0 or len(i_te) == 0:
+            continue
+        acc = _ridge_accuracy(x_train[i_tr], y_tr, x_test[i_te], y_te, len(names))
+        hits += acc * len(i_te)
+        total += len(i_te)
+    return hits / max(total, 1.0)
+
+
+def _slot_colour(x_train, sc_train, x_test, sc_test) -> float:
+    return _slot_probe(x_train, sc_train, x_test, sc_test, COLOUR_NAMES, "colour")
+
+
+def _slot_kind(x_train, sc_train, x_test, sc_test) -> float:
+    return _slot_probe(x_train, sc_train, x_test, sc_test, KIND_NAMES, "kind")

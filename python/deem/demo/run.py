@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from deem.configs import SYNTH_EVAL
 from deem.demo import report
 from deem.demo.chance import chance_levels, vqa_by_type
 from deem.demo.console import Console
@@ -33,7 +32,7 @@ from deem.demo.imagecheck import (
     colour_match,
     generate_from_captions,
 )
-from deem.demo.plan import DIFFUSION_SIZE, DemoPlan, demo_model_config
+from deem.demo.plan import DIFFUSION_SIZE, ENCODER_SIZE, DemoPlan, demo_model_config
 from deem.demo.probe import probe_attributes
 from deem.demo.stages import (
     VARIANT_KEYS,
@@ -42,14 +41,13 @@ from deem.demo.stages import (
     recipe,
     run_stage,
     train_config,
-    write_data_config,
+    write_configs,
 )
-from deem.demo.world import load_pixels, load_scenes
+from deem.demo.world import load_pixels, load_scenes, pretraining_corpus
 from deem.train.checkpoint import write_atomic
 
 EVAL_BENCHMARKS = ["coco_caption", "vqav2_val", "vqav2_shift", "pope_random", "pope_adversarial", "robustvqa_a",
                    "robustvqa_r", "robustvqa_v2"]
-ENCODER_SIZE = 32
 
 
 def _prefit(world: Path, out: Path, plan: DemoPlan, console: Console) -> tuple[str, dict[str, float], list]:
@@ -63,14 +61,14 @@ def _prefit(world: Path, out: Path, plan: DemoPlan, console: Console) -> tuple[s
     generator = torch.Generator().manual_seed(plan.seed)
     tokenizer = load_tokenizer({"type": "hf", "path": str(world / "tokenizer"), "num_img_token": 4})
     model = DeemModel(demo_model_config(tiny_config_for(tokenizer, ENCODER_SIZE)))
-    train, test = load_scenes(world, "train"), load_scenes(world, "test")
-    pixels, pixels_dec = load_pixels(world, train, ENCODER_SIZE), load_pixels(world, train, DIFFUSION_SIZE)
+    corpus, (pixels, pixels_dec) = pretraining_corpus(plan.seed, plan.pretraining_images,
+                                                      (ENCODER_SIZE, DIFFUSION_SIZE))
     pad = tokenizer.special.pad_id
     logs = []
     with console.task("pre-fit: VAE", plan.vae_steps) as step:
         logs.append(prefit.prefit_vae(model, pixels_dec, plan.vae_steps, generator, on_step=step))
     with console.task("pre-fit: UNet (caption-to-image)", plan.unet_steps) as step:
-        captions = [tokenizer.encode(ws.scene.caption()) for ws in train]
+        captions = [tokenizer.encode(ws.scene.caption()) for ws in corpus]
         log, text = prefit.prefit_unet(model, pixels_dec, captions, tokenizer.encode(""), pad, plan.unet_steps,
                                        generator, on_step=step)
         logs.append(log)
@@ -78,14 +76,20 @@ def _prefit(world: Path, out: Path, plan: DemoPlan, console: Console) -> tuple[s
         neg = model.image_decoder.neg_prompt_embeds
         empty = text(prefit.pad_ids([tokenizer.encode("")], pad))[0]
         neg.copy_(empty[torch.arange(neg.shape[1]) % empty.shape[0]][None])
-    with console.task("pre-fit: image encoder (contrastive, colour-free captions)", plan.encoder_steps) as step:
-        alt_text = [tokenizer.encode(ws.scene.caption(colours=False)) for ws in train]
-        logs.append(prefit.prefit_encoder(model, pixels, alt_text, pad, plan.encoder_steps, generator, on_step=step))
-    probes = probe_attributes(model, (pixels, train), (load_pixels(world, test, ENCODER_SIZE), test))
+    with console.task("pre-fit: image encoder (caption words, colours left out)", plan.encoder_steps) as step:
+        targets, sizes = prefit.caption_targets(corpus, colours=False)
+        logs.append(prefit.prefit_encoder(model, pixels, targets, sizes, plan.encoder_steps, generator, on_step=step))
+    probes = _probes(model, world)
     export = out / "runs" / "prefit" / "export"
     model.save_pretrained(export)
     tokenizer.hf.save_pretrained(export / "tokenizer")
     return str(export), probes, logs
+
+
+def _probes(model, world: Path) -> dict[str, float]:
+    train, test = load_scenes(world, "train"), load_scenes(world, "test")
+    return probe_attributes(model, (load_pixels(world, train, ENCODER_SIZE), train),
+                            (load_pixels(world, test, ENCODER_SIZE), test))
 
 
 def _stage1_readouts(export: str, world: Path, plan: DemoPlan, out: Path, key: str) -> dict[str, Any]:
@@ -96,10 +100,8 @@ def _stage1_readouts(export: str, world: Path, plan: DemoPlan, out: Path, key: s
     model = DeemModel.from_pretrained(export).eval()
     tokenizer = load_tokenizer({"type": "hf", "path": str(Path(export) / "tokenizer"),
                                 "num_img_token": model.config.num_img_token})
-    train, test = load_scenes(world, "train"), load_scenes(world, "test")
-    probes = probe_attributes(model, (load_pixels(world, train, ENCODER_SIZE), train),
-                              (load_pixels(world, test, ENCODER_SIZE), test))
-    scenes = test[: plan.generated_images]
+    probes = _probes(model, world)
+    scenes = load_scenes(world, "test")[: plan.generated_images]
     images = generate_from_captions(model, tokenizer, [ws.scene.caption() for ws in scenes], seed=plan.seed)
     accuracy, pairs = colour_match(images, scenes)
     per_caption, dominant = caption_colour_match(images, scenes)
@@ -122,7 +124,7 @@ def run_single(out: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
     world = out / "world"
     console.say(f"writing the synthetic world to {world} (seed {plan.seed})")
     synth_world(world, seed=plan.seed, num_train=plan.num_train_images, num_test=plan.num_test_images)
-    data_config = write_data_config(world)
+    data_config, eval_config = write_configs(world)
     chance = chance_levels(world)
     chance["colour_match"] = colour_chance(load_scenes(world, "train"))
     chance["caption_colour_match"] = caption_colour_chance(load_scenes(world, "test")[: plan.generated_images])
@@ -145,7 +147,7 @@ def run_single(out: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
                 readouts = _stage1_readouts(init, world, plan, out, key)
         t = time.time()
         console.say(f"\n== evaluating {label}")
-        scores = evaluate(SYNTH_EVAL, init, out / "eval" / key, benchmarks=EVAL_BENCHMARKS, root=world,
+        scores = evaluate(eval_config, init, out / "eval" / key, benchmarks=EVAL_BENCHMARKS, root=world,
                           overwrite=True, device=device)
         timings.append(f"evaluation of {label}: {time.time() - t:.0f} s")
         variants[label] = {

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from deem.configs import SYNTH_DATA
-from deem.demo.plan import DIFFUSION_SIZE, DemoPlan
+from deem.configs import SYNTH_DATA, SYNTH_EVAL
+from deem.demo.plan import DIFFUSION_SIZE, ENCODER_SIZE, DemoPlan
 
 VARIANTS = {
     # DEEM: stage 1 and the VQA fine-tuning with the diffusion feedback (sniffer loss, weight 5)
@@ -22,14 +22,13 @@ VARIANTS = {
 VARIANT_KEYS = {"DEEM": "deem", "MM-Interleaved baseline": "baseline"}
 
 
-def write_data_config(world: Path) -> Path:
-    """The synthetic world's data config with the diffusion view at the demo model's diffusion size."""
-    raw = yaml.safe_load(Path(SYNTH_DATA).read_text(encoding="utf-8"))
+def _resized(source: Path, out: Path, what: str) -> Path:
+    raw = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
 
     def visit(node: Any) -> None:
         if isinstance(node, dict):
             if isinstance(node.get("transform"), dict):
-                node["transform"] = {**node["transform"], "resolution_dec": DIFFUSION_SIZE}
+                node["transform"] = {**node["transform"], "resolution": ENCODER_SIZE, "resolution_dec": DIFFUSION_SIZE}
             for value in node.values():
                 visit(value)
         elif isinstance(node, list):
@@ -38,10 +37,15 @@ def write_data_config(world: Path) -> Path:
 
     visit(raw)
     raw = {k: v for k, v in raw.items() if not k.startswith("x-")}
-    path = world / "demo_data.yaml"
-    path.write_text("# written by deem demo: configs/data/synth.yaml with the diffusion view at "
-                    f"{DIFFUSION_SIZE} px\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return path
+    out.write_text(f"# written by deem demo: {what} with the image encoder at {ENCODER_SIZE} px and the diffusion "
+                   f"view at {DIFFUSION_SIZE} px\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def write_configs(world: Path) -> tuple[Path, Path]:
+    """The synthetic world's data and evaluation configs at the demo model's image sizes (in the world dir)."""
+    return (_resized(SYNTH_DATA, world / "demo_data.yaml", "configs/data/synth.yaml"),
+            _resized(SYNTH_EVAL, world / "demo_eval.yaml", "configs/eval/synth.yaml"))
 
 
 @dataclass
@@ -83,7 +87,14 @@ def train_config(out: Path, world: Path, data_config: Path, preset: str, stage: 
         "model": {"preset": preset, "stage": stage.stage, "overrides": stage.overrides},
         "data": {"config": str(data_config), "root": str(world), "dataset": stage.dataset,
                  "batch_size": plan.batch_size, "seed": plan.seed},
-        "optim": {"lr": plan.lr, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0},
+        # the cross-attention gates start at 0 (tanh(0): no image in the LLM) and open by about lr per step;
+        # in a few hundred steps they need a larger rate than the rest, as gates get their own group in the 7B recipe
+        "optim": {"lr": plan.lr, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0, "groups": [
+            {"pattern": "llama_cross_attn.gate", "lr": 10 * plan.lr, "weight_decay": 0.0},
+            # the 7B recipe's ratios (configs/train/pretrain_deem.yaml): offsets at 0.1x, the encoder trunk at 0.2x
+            {"pattern": "sampling_offsets", "lr": 0.1 * plan.lr, "weight_decay": 0.0},
+            {"pattern": "visual_tokenizer.sniffer.trunk", "lr": 0.2 * plan.lr},
+        ]},
         "schedule": {"warmup_steps": min(20, max(1, steps // 10)), "max_steps": steps},
         "run": {"precision": "fp32", "seed": plan.seed},
         "checkpoint": {"every": steps, "keep": 1},

@@ -55,3 +55,23 @@ def load_pixels(world: Path, scenes: list[WorldScene], size: int, folder: str | 
 
 COLOUR_NAMES = tuple(COLOURS)
 KIND_NAMES = tuple(SHAPES)
+
+
+def pretraining_corpus(seed: int, n: int, sizes: tuple[int, ...], image_size: int = 96) -> tuple[list[WorldScene],
+                                                                                                 list[torch.Tensor]]:
+    """`n` fresh scenes of the world (never among its training or test images) rendered in memory: the large
+    corpus the stand-ins for the pretrained components are fitted on (CLIP and Stable Diffusion were
+    pretrained on far more images than any downstream set). Returns the scenes and one [n, 3, s, s] tensor in
+    [0, 1] per size in `sizes`."""
+    from deem.data.synth import random_scene, render
+
+    rng = np.random.default_rng([seed, 7919])
+    scenes, pixels = [], [[] for _ in sizes]
+    for i in range(n):
+        scene = random_scene(rng, 900000 + i)
+        image = render(scene, image_size, seed=seed)
+        scenes.append(WorldScene(f"pretraining/{scene.index}", scene))
+        for k, size in enumerate(sizes):
+            small = image.resize((size, size), Image.BICUBIC)
+            pixels[k].append(torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return scenes, [torch.stack(p) for p in pixels]
