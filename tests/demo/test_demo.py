@@ -13,12 +13,16 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
     subprocess.run([sys.executable, "-m", "deem", "demo", "--quick", "--out", str(out)], check=True,
                    capture_output=True, text=True)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["summary"]) == {"DEEM", "MM-Interleaved baseline"}
-    for variant in metrics["summary"].values():
-        assert variant["VQA accuracy (in distribution)"] is not None
-        assert variant["RobustVQA-style accuracy (style-shifted, mean)"] is not None
-        assert variant["caption CIDEr"] is not None
-    assert 0 <= metrics["chance"]["vqav2_val"] <= 100 and metrics["chance"]["caption"] > 0
+    assert set(metrics["variants"]) == {"DEEM", "MM-Interleaved baseline"}
+    for variant in metrics["variants"].values():
+        summary = variant["summary"]
+        assert summary["VQA accuracy (in distribution)"] is not None
+        assert summary["VQA accuracy (style-shifted)"] is not None
+        assert summary["RobustVQA-style accuracy (style-shifted, mean)"] is not None
+        assert summary["caption CIDEr"] is not None
+        assert 0 <= summary["generated images: caption's colour dominant"] <= 100
+        assert variant["vqa_by_type"] and variant["probes"]
+    assert 0 <= metrics["chance"]["vqa"] <= 100 and metrics["chance"]["caption"] > 0
     report = (out / "report.md").read_text()
     assert "| VQA accuracy (in distribution) |" in report and "chance" in report
     for png in ("losses.png", "samples.png", "generated.png"):

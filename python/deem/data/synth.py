@@ -181,10 +181,23 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str
     kind, colour = pool[int(rng.integers(len(pool)))]
     pairs = [((shown.kind, shown.colour), "yes"), ((kind, colour), "no")]
     for (k, c), answer in (pairs if rng.random() < 0.5 else pairs[::-1]):
-        qa.append((f"Is there a {c} {k}?", answer, "yes/no"))
+        qa.append((f"Is there a {c} {k} in the image?", answer, "yes/no"))  # POPE's wording
+    main = main_shape(scene)
+    if main is not None:  # RobustVQA's wording, about the scene's one large shape
+        wrong = [k for k in SHAPES if k != main.kind][int(rng.integers(len(SHAPES) - 1))]
+        kind, answer = (main.kind, "yes") if rng.random() < 0.5 else (wrong, "no")
+        qa.append((f"Is {kind} the main object in this image?", answer, "yes/no"))
     if len(scene.shapes) > 1:
         qa.append(("Which shape is on the left?", scene.shapes[0].kind, "other"))
     return qa
+
+
+def main_shape(scene: Scene) -> Shape | None:
+    """The scene's main object: its only shape, or its only large one (None when that is ambiguous)."""
+    large = [s for s in scene.shapes if s.size == "large"]
+    if len(scene.shapes) == 1:
+        return scene.shapes[0]
+    return large[0] if len(large) == 1 else None
 
 
 def synth_corpus() -> list[str]:
@@ -299,7 +312,9 @@ def synth_world(out_dir: str | Path, seed: int = 0, image_size: int = 96, num_tr
     for key, style in (("imagenet_a", "noisy"), ("imagenet_r", "outline"), ("imagenet_v2", "inverted")):
         entries = []
         for sc in test:
-            main = max(sc.shapes, key=lambda s: s.radius)
+            main = main_shape(sc)
+            if main is None:
+                continue
             rel = f"robustvqa/{key}/{main.kind}/{sc.index:06d}.jpg"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             render(sc, px, style=style, seed=seed).save(out / rel, quality=90)

@@ -9,7 +9,10 @@ from pathlib import Path
 
 
 def question_type(question: str) -> str:
-    """The first two words ("How many", "What colour", "Is there", "Which shape")."""
+    """"Is ... the main object" (RobustVQA's question), else the first two words ("How many", "What colour",
+    "Is there", "Which shape")."""
+    if question.rstrip("?").endswith("the main object in this image"):
+        return "Is ... the main object"
     return " ".join(question.split()[:2])
 
 
