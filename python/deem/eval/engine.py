@@ -37,9 +37,10 @@ from deem.data.registry import build_collator, build_dataset, resolve_paths
 from deem.data.sharding import EvalShardSampler
 from deem.data.tokenizer import DeemTokenizer, load_tokenizer
 from deem.eval.benchmarks import KINDS, Context, EvalError, Kind, kind_for, record_ids, sample_id, visdial_gt_indices
-from deem.eval.io import PartWriter, atomic_write_json, atomic_write_text, read_json, read_parts
+from deem.eval.io import PartWriter, read_output, read_parts
 from deem.eval.vqa_metrics import VQA_METRICS
 from deem.infer import generate_texts
+from deem.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("deem.eval")
 
@@ -399,7 +400,7 @@ def _prepare(bench: BenchmarkConfig, tok: DeemTokenizer | None, ranks: _Ranks, b
 def _check_fingerprint(bdir: Path, fp: dict[str, Any], bench: str) -> None:
     path = bdir / "run.json"
     if path.is_file():
-        old = read_json(path)
+        old = read_output(path)
         diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
         if diff:
             raise EvalError(f"{bench}: {bdir} holds predictions of another run (differs in {diff}); use another "
@@ -414,7 +415,7 @@ def _done_ids(bdir: Path) -> set[str]:
     done = {str(r["id"]) for r in records}
     merged = bdir / "predictions.json"
     if merged.is_file():
-        done.update(str(r["id"]) for r in read_json(merged))
+        done.update(str(r["id"]) for r in read_output(merged))
     return done
 
 
@@ -473,7 +474,7 @@ def _finalize(prep: _Prepared, bdir: Path, gathered: Sequence[dict[str, Any]]) -
     """Merge predictions.json, every part file and the gathered records exactly by id; score; write outputs."""
     bench = prep.bench
     merged_path = bdir / "predictions.json"
-    previous = read_json(merged_path) if merged_path.is_file() else []
+    previous = read_output(merged_path) if merged_path.is_file() else []
     part_records, failed, files = read_parts(bdir / "parts")
     by_id: dict[str, dict[str, Any]] = {}
     conflicts = 0
@@ -556,7 +557,7 @@ def results_table(summary: dict[str, Any]) -> str:
 
 def _write_summary(out: Path, cfg: EvalConfig, checkpoint: Any, scored: dict[str, dict[str, Any]]) -> dict[str, Any]:
     path = out / "metrics.json"
-    summary = read_json(path) if path.is_file() else {}
+    summary = read_output(path) if path.is_file() else {}
     benches = dict(summary.get("benchmarks", {}))
     benches.update(scored)
     summary = {"checkpoint": _checkpoint_fingerprint(checkpoint)["checkpoint"] or summary.get("checkpoint"),

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deem.eval.benchmarks import EvalError
-from deem.eval.io import atomic_write_json
+from deem.io import atomic_write_json
 
 log = logging.getLogger("deem.eval")
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from deem.configs import SYNTH_DATA
 from deem.errors import ConfigError
 
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "parse_override"]
@@ -103,7 +104,7 @@ def _init_from(init: Any) -> InitFrom:
 
 @dataclass
 class DataSection:
-    config: str = "configs/data/synth.yaml"
+    config: str = str(SYNTH_DATA)  # a data config; default: the synthetic world's, shipped with the package
     root: str | None = None
     dataset: str = ""  # the `name` of an entry of the data config's `train` list
     batch_size: int = 8  # map-style datasets; streams batch themselves
