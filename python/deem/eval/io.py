@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from deem.eval.benchmarks import EvalError
+from deem.eval.errors import EvalError
 from deem.io import atomic_write_json, read_json
 
 _PART_RE = re.compile(r"^rank(\d+)-(\d+)\.json$")

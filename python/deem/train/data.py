@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from deem.data import build_collator, build_dataset, load_tokenizer
-from deem.data.cli import load_data_config
+from deem.data.config import load_data_config
 from deem.data.errors import BadSampleTracker, CountDeltas, Counts, DataError, merge_counts, snapshot
 from deem.data.registry import trackers_of
 from deem.data.tokenizer import DeemTokenizer

@@ -457,7 +457,7 @@ def export_weights(run_dir: str | Path, out_dir: str | Path, checkpoint: str | N
     from safetensors.torch import load_file
 
     from deem.data import load_tokenizer
-    from deem.data.cli import load_data_config
+    from deem.data.config import load_data_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "train_config.yaml").is_file():
