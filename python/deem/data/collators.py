@@ -42,6 +42,18 @@ class Encoded:
     meta: dict[str, Any]
 
 
+# the keys of a collated batch that are `DeemModel.forward` arguments; every other key is metadata
+MODEL_INPUTS = ("text_ids", "attention_mask", "gt_text_ids", "image_tensors", "image_tensors_dec",
+                "image_tensors_mask", "num_image_per_seq", "nearest_bos_idxs", "loss_txt_weight", "loss_img_weight")
+
+
+def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A collated batch (of a collator or a stream) as (model inputs, metadata): the inputs go to the model as
+    they are, the metadata (`meta`, prompt offsets, ...) stays with the data pipeline and the logs."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    return inputs, {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+
+
 def _item_meta(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k not in ("images", "seed")}
 
