@@ -344,9 +344,10 @@ class VQAEvalCollator(EvalCollator):
 
 
 class YesNoEvalCollator(EvalCollator):
-    """POPE / RobustVQA / MMVP (`generate_imagenet`)."""
+    """Yes/no and option questions: POPE, RobustVQA, MMVP (`generate_yesno`; the original calls this mode
+    `generate_imagenet`)."""
 
-    collate_mode = "generate_imagenet"
+    collate_mode = "generate_yesno"
     default_generation_kwargs = {"max_length": 10, "min_length": 0, "length_penalty": 0.0, "num_beams": 3}  # noqa: RUF012
 
     def prompt(self, it):

@@ -18,5 +18,5 @@ def score(records, ctx):
                                  {r["id"]: r["answer"] for r in records}), keep=("num_pairs",))
 
 
-TASK = Task("mmvp", ("generate_imagenet", "generate_vqa"), record, score, ("accuracy", "pair_accuracy"),
+TASK = Task("mmvp", ("generate_yesno", "generate_vqa"), record, score, ("accuracy", "pair_accuracy"),
             dataset_types=("mmvp",))

@@ -16,5 +16,5 @@ def score(records, ctx):
     return percent(M.pope_scores([r["generation"] for r in records], [r["label"] for r in records]))
 
 
-TASK = Task("pope", ("generate_imagenet",), record, score, ("accuracy", "f1", "precision", "recall", "yes_ratio"),
+TASK = Task("pope", ("generate_yesno",), record, score, ("accuracy", "f1", "precision", "recall", "yes_ratio"),
             dataset_types=("pope",))

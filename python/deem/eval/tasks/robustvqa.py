@@ -6,5 +6,5 @@ from __future__ import annotations
 from deem.eval.tasks import pope
 from deem.eval.tasks.base import Task
 
-TASK = Task("robustvqa", ("generate_imagenet",), pope.record, pope.score, ("accuracy", "yes_ratio"),
+TASK = Task("robustvqa", ("generate_yesno",), pope.record, pope.score, ("accuracy", "yes_ratio"),
             dataset_types=("robustvqa",))
