@@ -32,11 +32,12 @@ import torch
 from deem.data.errors import DataError
 from deem.data.registry import build_collator, build_dataset
 from deem.data.sharding import EvalShardSampler
-from deem.data.tokenizer import DeemTokenizer, load_tokenizer
+from deem.data.tokenizer import DeemTokenizer
 from deem.eval.config import BenchmarkConfig, EvalConfig, load_eval_config, normalise_generation
 from deem.eval.distributed import Ranks, ranks_for
 from deem.eval.errors import EvalError
 from deem.eval.io import PartWriter, read_output, read_parts
+from deem.eval.model import checkpoint_fingerprint, load_for_eval, resolve_device
 from deem.eval.report import write_summary
 from deem.eval.tasks import OPTION_SCORES, Context, record_ids, sample_id
 from deem.infer import generate_texts
@@ -48,72 +49,6 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 # ------------------------------------------------------------------------------------------------ model
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise EvalError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from exc
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        dt = getattr(torch, name)
-    except AttributeError:
-        dt = None
-    if not isinstance(dt, torch.dtype):
-        raise EvalError(f"unknown dtype {name!r} (auto, float32, bfloat16, float16)")
-    return dt
-
-
-def _checkpoint_fingerprint(checkpoint: Any) -> dict[str, Any]:
-    if checkpoint is None:
-        return {"checkpoint": None}
-    if not isinstance(checkpoint, (str, Path)):
-        return {"checkpoint": "in-memory model"}
-    path = Path(checkpoint).resolve()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json")) if path.is_dir() else []
-    return {"checkpoint": str(path),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-
-
-def _load_model(checkpoint: Any, device: torch.device, dtype: torch.dtype):
-    from deem.models import DeemModel
-
-    if isinstance(checkpoint, torch.nn.Module):
-        return checkpoint.eval()
-    path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise EvalError(f"checkpoint {path} is not a deem checkpoint directory (no config.json; save one with "
-                        "DeemModel.save_pretrained)")
-    model = DeemModel.from_pretrained(str(path), dtype=dtype)
-    return model.to(device).eval()
-
-
-def _check_compatible(model: Any, tok: DeemTokenizer, benches: Sequence[BenchmarkConfig]) -> None:
-    cfg = model.config
-    sp_tok = tok.special.as_dict()
-    bad = {k: (v, sp_tok[k]) for k, v in cfg.special_tokens.items() if k in sp_tok and sp_tok[k] != v}
-    if bad:
-        raise EvalError(f"tokenizer and checkpoint disagree on special token ids (model, tokenizer): {bad}")
-    if len(tok.hf) > cfg.text_vocab_size:
-        raise EvalError(f"tokenizer has {len(tok.hf)} tokens, the checkpoint's vocabulary {cfg.text_vocab_size}")
-    if tok.num_img_token != cfg.num_img_token:
-        raise EvalError(f"tokenizer num_img_token {tok.num_img_token} != checkpoint num_img_token "
-                        f"{cfg.num_img_token} (set tokenizer.num_img_token in the eval config)")
-    size = (getattr(cfg, "sniffer", None) or {}).get("image_size")
-    for b in benches:
-        res = (b.dataset.get("transform") or {}).get("resolution")
-        if size is not None and res is not None and int(res) != int(size):
-            raise EvalError(f"{b.name}: images are resized to {res} px but the checkpoint's sniffer expects {size} "
-                            "(set `resolution:` in the eval config or --resolution)")
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -352,7 +287,7 @@ def evaluate(config: str | Path | dict[str, Any] | EvalConfig, checkpoint: str |
     samples_done, samples_total)` is called after every batch."""
     cfg = config if isinstance(config, EvalConfig) else load_eval_config(config, root, resolution)
     selected = cfg.select(benchmarks)
-    dev = _device(device or cfg.device)
+    dev = resolve_device(device or cfg.device)
     ranks = ranks_for(rank, world_size, dev)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,38 +298,13 @@ def evaluate(config: str | Path | dict[str, Any] | EvalConfig, checkpoint: str |
 
     was_training = isinstance(checkpoint, torch.nn.Module) and checkpoint.training
     try:
-        tok, model, dev, dt = _load(cfg, selected, checkpoint, tokenizer, dev, dtype, score_only)
-        base_fp = {**_checkpoint_fingerprint(checkpoint), "dtype": str(dt).replace("torch.", ""),
+        tok, model, dev, dt = load_for_eval(cfg, selected, checkpoint, tokenizer, dev, dtype, score_only)
+        base_fp = {**checkpoint_fingerprint(checkpoint), "dtype": str(dt).replace("torch.", ""),
                    "tokenizer": None if tok is None else tok.special.as_dict()}
         return _run_all(cfg, selected, checkpoint, model, tok, dev, ranks, out, base_fp, score_only, progress)
     finally:
         if was_training:
             checkpoint.train()
-
-
-def _load(cfg: EvalConfig, selected: Sequence[BenchmarkConfig], checkpoint: Any, tokenizer: Any, dev: torch.device,
-          dtype: str | None, score_only: bool) -> tuple[DeemTokenizer | None, Any, torch.device, torch.dtype]:
-    """Tokenizer and model (none of them with `score_only`); an in-memory model keeps its device and dtype."""
-    dt = _dtype(dtype or cfg.dtype, dev)
-    if score_only:
-        return None, None, dev, dt
-    if isinstance(tokenizer, DeemTokenizer):
-        tok = tokenizer
-    else:
-        tok_cfg = tokenizer if tokenizer is not None else cfg.tokenizer
-        if tok_cfg is None:
-            raise EvalError(f"{cfg.source}: no tokenizer configured (set `tokenizer:` or pass --tokenizer)")
-        try:
-            tok = load_tokenizer(tok_cfg)
-        except DataError as exc:
-            raise EvalError(f"tokenizer: {exc}") from exc
-    if isinstance(checkpoint, torch.nn.Module):
-        tensor = next(iter(checkpoint.parameters()), None)
-        if tensor is not None:
-            dev, dt = tensor.device, tensor.dtype
-    model = _load_model(checkpoint, dev, dt)
-    _check_compatible(model, tok, selected)
-    return tok, model, dev, dt
 
 
 def _run_all(cfg: EvalConfig, selected: Sequence[BenchmarkConfig], checkpoint: Any, model: Any,
@@ -418,6 +328,6 @@ def _run_all(cfg: EvalConfig, selected: Sequence[BenchmarkConfig], checkpoint: A
             scored[bench.name] = {"kind": bench.kind.name, **metrics}
             log.info("%s: %s", bench.name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     if ranks.rank == 0 and scored:
-        write_summary(out, cfg, _checkpoint_fingerprint(checkpoint)["checkpoint"], scored)
+        write_summary(out, cfg, checkpoint_fingerprint(checkpoint)["checkpoint"], scored)
     ranks.barrier()
     return scored
