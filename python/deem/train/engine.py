@@ -5,7 +5,6 @@ accelerate (mixed precision, DDP, DeepSpeed ZeRO 1/2/3), with deem's own atomic 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 import torch
 import yaml
 
-from deem.errors import ConfigError
 from deem.io import atomic_write_text
 from deem.models import LOSS_KEYS, DeemModel
 from deem.models.multimodal import num_text_targets
@@ -23,10 +21,10 @@ from deem.train.build import FROZEN_INIT_FILE, build_model, generated_frozen, lo
 from deem.train.checkpoint import CheckpointManager, set_rng_state
 from deem.train.config import TrainConfig
 from deem.train.data import TrainData
-from deem.train.metrics import LOG_FILE, LossWindow, Progress, RunLog
+from deem.train.metrics import LOG_FILE, Progress, RunLog, StepWindow
 from deem.train.optim import build_optimizer, warmup_cosine
+from deem.train.parallel import build_accelerator
 
-PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -36,39 +34,10 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import set_seed
 
         self.cfg = cfg
-        plugin = None
-        if cfg.run.deepspeed:
-            from accelerate.utils import DeepSpeedPlugin
-
-            if not torch.cuda.is_available():  # accelerate's CPU mode drops the DeepSpeed plugin
-                raise ConfigError(f"run.deepspeed={cfg.run.deepspeed}: DeepSpeed training needs CUDA devices and "
-                                   "none is visible; drop run.deepspeed to train on the CPU")
-            ds_config = json.loads(Path(cfg.run.deepspeed).read_text())
-            # batches are built by deem's data layer, not by a prepared DataLoader: give DeepSpeed the per-device
-            # batch explicitly (streams batch themselves; the value only feeds DeepSpeed's throughput accounting)
-            if cfg.eval.every and ds_config.get("zero_optimization", {}).get("stage") == 3:
-                raise ConfigError("eval.every with ZeRO-3: generation runs different modules on each rank, which "
-                                 "partitioned weights cannot follow; evaluate the exported weights with deem eval")
-            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-                ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-            ds_config.pop("train_batch_size", None)
-            plugin = DeepSpeedPlugin(
-                hf_ds_config=ds_config,
-                gradient_accumulation_steps=cfg.run.grad_accum,
-                gradient_clipping=cfg.run.max_grad_norm,
-            )
-        self.acc = Accelerator(
-            mixed_precision=PRECISION[cfg.run.precision],
-            deepspeed_plugin=plugin,
-            cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, gloo) need accelerate's CPU mode
-            # which losses a batch has (image generation, sniffer) varies: some trainable modules sit out a step
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
-        self.deepspeed = plugin is not None
+        self.acc, self.deepspeed = build_accelerator(cfg)
         set_seed(cfg.run.seed)
         self.out = Path(cfg.output_dir)
         if self.acc.is_main_process:
@@ -294,38 +263,19 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         batches = self.data.batches(self.acc.device)
-        log_every, last_log = cfg.log.every, time.time()
-        window: dict[str, float] = defaultdict(float)
-        losses = LossWindow()
+        window = StepWindow()
         progress = Progress(cfg.schedule.max_steps, self.step, enabled=cfg.log.progress and self.acc.is_main_process)
         record: dict[str, Any] = {}
         try:
             while self.step < cfg.schedule.max_steps:
                 stats = self.train_step(batches)
                 self.step += 1
-                for k in ("samples", "images", "tokens"):
-                    window[k] += stats.get(k, 0.0)
-                losses.add(stats)
-                if self.step % log_every == 0 or self.step == cfg.schedule.max_steps:
-                    elapsed = max(time.time() - last_log, 1e-9)
-                    record = {
-                        "step": self.step,
-                        "epoch": self.data.epoch,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        **losses.means(),  # each loss: its mean over the window's steps that had it
-                        "grad_norm": stats["grad_norm"],
-                        "skipped": int(stats["skipped"]),
-                        "nonfinite_total": self.nonfinite,
-                        "bad_samples": self.data.bad_sample_totals(),  # per source, summed over ranks
-                        **{f"{k}_per_s": window[k] / elapsed for k in ("samples", "images", "tokens")},
-                    }
-                    if self.acc.device.type == "cuda":
-                        record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+                window.add(stats)
+                if self.step % cfg.log.every == 0 or self.step == cfg.schedule.max_steps:
+                    record = self._record(stats, window)
                     self.log.log(record)
                     progress.update(self.step, record)
                     window.clear()
-                    losses.clear()
-                    last_log = time.time()
                 else:
                     progress.update(self.step, None)
                 last = self.step == cfg.schedule.max_steps
@@ -337,6 +287,24 @@ class Trainer:
         finally:
             progress.close()
             self.log.close()
+        return record
+
+    def _record(self, stats: dict[str, float], window: StepWindow) -> dict[str, Any]:
+        """The log record of this step: each loss's mean over the window's steps that had it, the last step's grad
+        norm, skip and bad-sample counts (summed over ranks: a collective), throughput and peak GPU memory."""
+        record = {
+            "step": self.step,
+            "epoch": self.data.epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            **window.loss_means(),
+            "grad_norm": stats["grad_norm"],
+            "skipped": int(stats["skipped"]),
+            "nonfinite_total": self.nonfinite,
+            "bad_samples": self.data.bad_sample_totals(),
+            **window.rates(),
+        }
+        if self.acc.device.type == "cuda":
+            record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
         return record
 
     def evaluate(self) -> dict[str, Any]:

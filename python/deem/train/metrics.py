@@ -1,10 +1,11 @@
-"""What a training run reports: the losses of the steps since the last record (`LossWindow`), the records
+"""What a training run reports: the losses and throughput of the steps since the last record (`StepWindow`), the records
 themselves in `log.jsonl` / `eval.jsonl` and TensorBoard (`RunLog`, main process only), and the progress bar."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,35 @@ class LossWindow:
     def clear(self) -> None:
         self.sums.clear()
         self.counts.clear()
+
+
+class StepWindow:
+    """The steps since the last log record: their losses (`LossWindow`) and their throughput (samples, images and
+    tokens per second of wall time)."""
+
+    COUNTS = ("samples", "images", "tokens")
+
+    def __init__(self) -> None:
+        self.losses = LossWindow()
+        self.counts: dict[str, float] = defaultdict(float)
+        self.start = time.time()
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k in self.COUNTS:
+            self.counts[k] += stats.get(k, 0.0)
+        self.losses.add(stats)
+
+    def loss_means(self) -> dict[str, float]:
+        return self.losses.means()
+
+    def rates(self) -> dict[str, float]:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return {f"{k}_per_s": self.counts[k] / elapsed for k in self.COUNTS}
+
+    def clear(self) -> None:
+        self.losses.clear()
+        self.counts.clear()
+        self.start = time.time()
 
 
 class RunLog:
