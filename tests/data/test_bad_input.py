@@ -90,7 +90,7 @@ def test_oversized_image_is_refused_from_its_header_without_decoding(tmp_path, m
 
 
 def test_pixel_limit_from_the_data_and_dataset_config(tmp_path, tok):
-    from deem.data.cli import load_data_config
+    from deem.data.config import load_data_config
 
     for i in range(3):
         write_image(tmp_path / "coco" / f"{i}.jpg", size=(40, 30) if i else (400, 300))
@@ -236,7 +236,7 @@ def test_annotation_files_non_utf8_and_bom(tmp_path):
 
 
 def test_non_utf8_data_config_and_csv_name_the_file(tmp_path):
-    from deem.data.cli import load_data_config
+    from deem.data.config import load_data_config
     from deem.data.vqa import read_mmvp
 
     cfg = tmp_path / "data.yaml"

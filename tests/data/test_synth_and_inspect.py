@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from deem.data import build_collator, build_dataset, inspect, load_tokenizer, synth_world
-from deem.data.cli import add_data_commands, load_data_config
+from deem.data.cli import add_data_commands
+from deem.data.config import load_data_config
 from deem.data.synth import COLOURS, SHAPES, questions_for, random_scene, render
 
 REPO = Path(__file__).resolve().parents[2]

@@ -91,7 +91,7 @@ def test_pope_robustvqa_mmvp(tok, tmp_path):
     assert batch["text_ids"][0].tolist() == tok.encode(
         SYS + " ## USER: Based on the image, please answer the question. " + tok.image_run
         + "Is there a dog in the image? Please anwser yes or no \n ## ASSISTANT: The answer is")
-    assert batch["collate_mode"] == "generate_imagenet" and batch["meta"]["items"][0]["answers"] == ["yes"]
+    assert batch["collate_mode"] == "generate_yesno" and batch["meta"]["items"][0]["answers"] == ["yes"]
 
     write_image(tmp_path / "robustvqa" / "imagenet-r" / "n01" / "a.jpg")
     robust = {"imagenet_r": [{"file_name": "robustvqa/imagenet-r/n01/a.jpg", "gt_caption": "goldfish",

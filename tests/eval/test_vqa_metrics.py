@@ -157,8 +157,9 @@ def test_vizwiz_normalises_only_the_prediction():
 
 
 def test_eval_config_selects_the_variant():
-    from deem.eval.benchmarks import Context, EvalError
-    from deem.eval.engine import load_eval_config
+    from deem.eval.config import load_eval_config
+    from deem.eval.errors import EvalError
+    from deem.eval.tasks import Context
 
     def cfg(**extra):
         bench = {"name": "v", "dataset": {"type": "vqav2", "questions": "q.json", "annotations": "a.json"}}

@@ -48,12 +48,14 @@ def test_every_file_and_directory_is_fsynced_around_the_rename(tmp_path, monkeyp
     files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
     assert {"weights.safetensors", "optimizer.pt", "rng-rank0.pt", "data-rank0.json", "scheduler.json",
             STATE_FILE} <= set(files)
+    renamed_from = {b: a for what, ev in events if what == "replace" for a, b in [ev.split(" -> ")]}
     for name in files:  # (a file written through a temporary name and renamed counts as fsynced)
-        assert {f"{tmp}/{name}", f"{tmp}/{name}.tmp"} & before, f"{name} is not fsynced before the rename"
+        path = f"{tmp}/{name}"
+        assert {path, renamed_from.get(path)} & before, f"{name} is not fsynced before the rename"
     assert tmp in before, "the checkpoint directory is fsynced before the rename"
     after = [path for what, path in events[rename + 1:] if what == "fsync"]
     assert str(mgr.root) in after, "the parent directory is fsynced after the rename"
-    latest = events.index(("replace", f"{mgr.root / 'latest.tmp'} -> {mgr.root / 'latest'}"))
+    latest = events.index(("replace", f"{renamed_from[str(mgr.root / 'latest')]} -> {mgr.root / 'latest'}"))
     assert ("fsync", str(mgr.root)) in events[latest + 1:], "the `latest` pointer's rename is made durable too"
     assert MANIFEST in files
     manifest = json.loads((final / MANIFEST).read_text())["files"]

@@ -1,11 +1,12 @@
 """DEEM data layer: tokenizers and special tokens, readers for every on-disk format, dual-view transforms,
 collators producing the model's inputs, pre-training streams, and the synthetic shapes world.
 
-Entry points: `build_dataset(cfg)`, `build_collator(cfg, tokenizer)`, `load_tokenizer(cfg)`,
+Entry points: `build_dataset(cfg)`, `build_collator(cfg, tokenizer)`, `load_tokenizer(cfg)`, `load_data_config(path)`,
 `load_llama_tokenizer(path)`, `build_tiny_tokenizer(corpus)`, `synth_world(out_dir)`, `inspect(config)`.
 """
 
 from deem.data.cli import add_data_commands, inspect
+from deem.data.config import load_data_config
 from deem.data.errors import BadSampleTracker, DataError, SampleError, TooManyBadSamples
 from deem.data.images import DualViewTransform
 from deem.data.registry import MixtureDataset, build_collator, build_dataset
@@ -32,6 +33,7 @@ __all__ = [
     "build_dataset",
     "build_tiny_tokenizer",
     "inspect",
+    "load_data_config",
     "load_llama_tokenizer",
     "load_tokenizer",
     "synth_world",

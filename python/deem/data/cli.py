@@ -1,9 +1,5 @@
 """`deem data ...` commands: `synth OUT_DIR` writes the shapes world, `inspect CONFIG` describes a data config
-(`--all`: reads every sample and prints per-source counts).
-
-A data config (YAML or dict) has an optional `root` (base of relative paths; default: the current directory),
-a `tokenizer` entry (see `load_tokenizer`), an optional `max_image_pixels` (the default pixel limit of its
-datasets) and `train` / `eval` entries, each one dataset config or a list.
+(`--all`: reads every sample and prints per-source counts). Data configs: `deem.data.config`.
 """
 
 from __future__ import annotations
@@ -14,45 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from deem.data.config import load_data_config
 from deem.data.errors import DataError, NoValidSamples
 from deem.data.labels import IGNORE_INDEX
-from deem.data.registry import build_collator, build_dataset, resolve_paths, trackers_of
-from deem.data.text import read_text_file
+from deem.data.registry import build_collator, build_dataset, trackers_of
 from deem.data.tokenizer import DeemTokenizer, load_tokenizer
-
-
-def load_data_config(config: str | Path | dict[str, Any], root: str | Path | None = None) -> dict[str, Any]:
-    """Read a data config (YAML path or dict) and resolve its relative paths against `root`
-    (argument, else the config's `root` key, else the current directory)."""
-    if isinstance(config, dict):
-        cfg = dict(config)
-    else:
-        path = Path(config)
-        if not path.is_file():
-            raise DataError(f"data config {path} does not exist")
-        try:
-            cfg = yaml.safe_load(read_text_file(path, "data config")) or {}
-        except yaml.YAMLError as exc:
-            raise DataError(f"data config {path} is not valid YAML: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise DataError(f"data config {path} must be a mapping")
-    base = Path(root if root is not None else cfg.get("root", "."))
-    cfg = resolve_paths({k: v for k, v in cfg.items() if k != "root"}, base)
-    if "max_image_pixels" in cfg:  # the default of every dataset that does not set its own
-        for split in ("train", "eval"):
-            value = cfg.get(split)
-            if isinstance(value, list):
-                cfg[split] = [_with_limit(e, cfg["max_image_pixels"]) for e in value]
-            elif isinstance(value, dict):
-                cfg[split] = _with_limit(value, cfg["max_image_pixels"])
-    return cfg
-
-
-def _with_limit(entry: Any, limit: Any) -> Any:
-    return {**entry, "max_image_pixels": limit} if isinstance(entry, dict) and "max_image_pixels" not in entry \
-        else entry
 
 
 def _entries(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -42,6 +42,18 @@ class Encoded:
     meta: dict[str, Any]
 
 
+# the keys of a collated batch that are `DeemModel.forward` arguments; every other key is metadata
+MODEL_INPUTS = ("text_ids", "attention_mask", "gt_text_ids", "image_tensors", "image_tensors_dec",
+                "image_tensors_mask", "num_image_per_seq", "nearest_bos_idxs", "loss_txt_weight", "loss_img_weight")
+
+
+def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A collated batch (of a collator or a stream) as (model inputs, metadata): the inputs go to the model as
+    they are, the metadata (`meta`, prompt offsets, ...) stays with the data pipeline and the logs."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    return inputs, {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+
+
 def _item_meta(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k not in ("images", "seed")}
 
@@ -332,9 +344,10 @@ class VQAEvalCollator(EvalCollator):
 
 
 class YesNoEvalCollator(EvalCollator):
-    """POPE / RobustVQA / MMVP (`generate_imagenet`)."""
+    """Yes/no and option questions: POPE, RobustVQA, MMVP (`generate_yesno`; the original calls this mode
+    `generate_imagenet`)."""
 
-    collate_mode = "generate_imagenet"
+    collate_mode = "generate_yesno"
     default_generation_kwargs = {"max_length": 10, "min_length": 0, "length_penalty": 0.0, "num_beams": 3}  # noqa: RUF012
 
     def prompt(self, it):

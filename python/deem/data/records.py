@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from deem import io
 from deem.data.errors import BadSampleTracker, DataError, SampleError
 from deem.data.images import DEFAULT_MAX_IMAGE_PIXELS, DualViewTransform, load_image
-from deem.data.text import jsonl_records, read_text_file
+from deem.data.text import jsonl_records
 
 
 @dataclass
@@ -27,13 +27,9 @@ class ImageViews:
 
 
 def read_json(path: str | Path) -> Any:
-    """Load a UTF-8 JSON file (a BOM is dropped); a missing, non-UTF-8 or invalid file raises `DataError` naming it
-    (and the byte offset of the first invalid byte)."""
-    text = read_text_file(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"annotation file {path} is not valid JSON: {exc}") from None
+    """Load a UTF-8 JSON annotation file (a BOM is dropped); a missing, non-UTF-8 or invalid file raises `DataError`
+    naming it (and the byte offset of the first invalid byte)."""
+    return io.read_json(path, "annotation file", DataError)
 
 
 def read_jsonl(path: str | Path, tracker: BadSampleTracker) -> list[tuple[str, Any]]:

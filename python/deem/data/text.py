@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deem.data.errors import DataError, SampleError
+from deem.io import read_text
 
 NON_UTF8 = "non-UTF-8 text"
 
@@ -27,16 +28,7 @@ def decode_utf8(raw: bytes, source: str, key: str, what: str = "text") -> str:
 def read_text_file(path: str | Path, what: str = "annotation file") -> str:
     """A whole UTF-8 file (BOM dropped); a missing file or invalid bytes raise `DataError` naming the file and the
     byte offset of the first invalid byte."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{what} {path} is not UTF-8: invalid byte(s) {raw[exc.start:exc.start + 4]!r} at byte "
-                        f"offset {exc.start} (line {line})") from None
+    return read_text(path, what, DataError)
 
 
 def jsonl_records(lines: Iterable[bytes], source: str, key_prefix: str = "line ") -> Iterator[tuple[str, Any] |

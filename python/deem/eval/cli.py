@@ -41,7 +41,8 @@ def _setup_logging() -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from deem.eval.engine import evaluate, results_table
+    from deem.eval.engine import evaluate
+    from deem.eval.report import results_table
 
     _setup_logging()
     if args.checkpoint is None and not args.score_only:

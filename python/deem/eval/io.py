@@ -1,4 +1,4 @@
-"""Crash-safe files of the evaluation engine: atomic JSON writes and per-rank prediction parts.
+"""Crash-safe files of the evaluation engine: per-rank prediction parts (written with `deem.io`).
 
 Layout of an output directory:
     <out>/<benchmark>/parts/rank<r>-<seq>.json   predictions flushed while a rank runs (each file atomic)
@@ -10,47 +10,20 @@ Layout of an output directory:
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from deem.eval.benchmarks import EvalError
+from deem.eval.errors import EvalError
+from deem.io import atomic_write_json, read_json
 
 _PART_RE = re.compile(r"^rank(\d+)-(\d+)\.json$")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file in the same directory, fsync it, then `os.replace` it over `path`:
-    readers see the old or the new content, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
-
-
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file written by the engine; a damaged one is an error naming it."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"{path} is not valid JSON ({exc}); delete it to recompute what it held") from None
+def read_output(path: str | Path) -> Any:
+    """Read a JSON file the engine wrote; a damaged one is an error naming it."""
+    return read_json(path, "output file", EvalError, "; delete it to recompute what it held")
 
 
 class PartWriter:
@@ -92,9 +65,11 @@ def read_parts(parts_dir: Path) -> tuple[list[dict[str, Any]], list[str], list[P
     records, failed, files = [], [], []
     for p in part_files(parts_dir):
         try:
-            data = read_json(p)
-        except FileNotFoundError:  # merged and removed by rank 0 meanwhile (its records are in predictions.json)
-            continue
+            data = read_output(p)
+        except EvalError:
+            if not p.exists():  # merged and removed by rank 0 meanwhile (its records are in predictions.json)
+                continue
+            raise
         files.append(p)
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
             raise EvalError(f"{p} is not a prediction part file")

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from deem.eval.benchmarks import EvalError
-from deem.eval.io import atomic_write_json
+from deem.eval.errors import EvalError
+from deem.io import atomic_write_json
 
 log = logging.getLogger("deem.eval")
 

@@ -247,7 +247,6 @@ class DeemModel(DeemPreTrainedModel):
         image_loss_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         text_loss_denominator: float | torch.Tensor | None = None,
-        **_: object,
     ) -> DeemOutput:
         """Losses of one batch in the collators' format (spec/model.md §1). `text_loss_denominator` replaces the
         text loss's per-batch token mean by sum / denominator (see `text_labels`)."""

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from deem.models.loading import CheckpointError
+from deem.io import atomic_write_text, fsync_path
+from deem.io import atomic_write_text as write_atomic  # noqa: F401  (deem.demo imports this name; prefer deem.io)
+from deem.models.weights import CheckpointError
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -38,35 +40,12 @@ class DamagedCheckpointError(RuntimeError):
     """A checkpoint that must be used (the pointer target, or every candidate of `--resume`) is damaged."""
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)  # a directory's entries are made durable the same way
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file under `root`, then every directory bottom-up (so renames inside are durable too)."""
     for dirpath, _, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically and durably (temp file + fsync + rename + fsync of the directory)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +66,7 @@ def write_manifest(directory: Path) -> dict[str, Any]:
             entry["sha256"] = _sha256(path)
         files[path.relative_to(directory).as_posix()] = entry
     manifest = {"format": 1, "files": files}
-    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -243,8 +222,8 @@ class CheckpointManager:
                 target = self._damaged_name(path)
                 os.replace(path, target)
                 kept.append(f"{path.name} is damaged ({why}), kept as {target.name}")
-            _fsync_dir(self.root)
-            write_atomic(self.root / "latest", chosen.name)
+            fsync_path(self.root)
+            atomic_write_text(self.root / "latest", chosen.name)
             say(f"--resume: {'; '.join(kept)}; resuming from {chosen.name}")
         barrier()
         return chosen
@@ -278,26 +257,26 @@ class CheckpointManager:
         barrier()
         rng_file = tmp / f"rng-rank{self.rank}.pt"
         torch.save(rng_state(), rng_file)
-        _fsync_file(rng_file)
-        write_atomic(tmp / f"data-rank{self.rank}.json", json.dumps(data_state))
+        fsync_path(rng_file)
+        atomic_write_text(tmp / f"data-rank{self.rank}.json", json.dumps(data_state))
         if extra_writer is not None:
             extra_writer(tmp)
         if self.is_main:
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
             if optimizer_state is not None:
                 torch.save(optimizer_state, tmp / "optimizer.pt")
-            write_atomic(tmp / "scheduler.json", json.dumps(scheduler_state))
+            atomic_write_text(tmp / "scheduler.json", json.dumps(scheduler_state))
         barrier()
         if self.is_main:
             state = {**trainer_state, "step": step, "world_size": self.world_size, "manifest": MANIFEST}
-            write_atomic(tmp / STATE_FILE, json.dumps(state))
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state))
             write_manifest(tmp)
             _fsync_tree(tmp)  # every file of every rank and every directory, before the rename
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)  # the rename itself
-            write_atomic(self.root / "latest", final.name)
+            fsync_path(self.root)  # the rename itself
+            atomic_write_text(self.root / "latest", final.name)
             self._rotate()
         barrier()
         return final
@@ -308,7 +287,7 @@ class CheckpointManager:
             shutil.rmtree(old)
         for stale in self.root.glob(".tmp-step-*"):  # left by a crash during an earlier save
             shutil.rmtree(stale)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def load(self, path: Path) -> dict[str, Any]:
         """Everything this rank needs to resume from `path`."""

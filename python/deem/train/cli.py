@@ -17,7 +17,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from deem.train.engine import export_weights
+    from deem.train.export import export_weights
 
     out = export_weights(args.run_dir, args.out_dir, args.checkpoint)
     print(f"wrote {out}")

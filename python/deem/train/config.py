@@ -4,72 +4,15 @@
 from __future__ import annotations
 
 import copy
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
+from deem.config import apply_overrides, check_keys, from_mapping, parse_override, read_yaml
+from deem.configs import SYNTH_DATA
 from deem.errors import ConfigError
 
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "parse_override"]
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    if not key:
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        return key.split("."), yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from err
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(err, 'problem', None) or err}{where}"
-
-
-def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    out = copy.deepcopy(cfg)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k!r} is not a mapping")
-        node[keys[-1]] = value
-    return out
-
-
-def _number(hint: Any) -> type | None:
-    """float or int when the annotation is one (optionally `| None`), else None."""
-    kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
-    return float if float in kinds else int if int in kinds else None
-
-
-def _coerce(section: type, name: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Numbers as their declared type (YAML reads `3e-4` as a string), tuples of floats included."""
-    hints = typing.get_type_hints(section)
-    out = dict(values)
-    for key, value in values.items():
-        hint = hints[key]
-        try:
-            if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-                out[key] = tuple(float(v) for v in value)
-            elif value is not None and (kind := _number(hint)) is not None:
-                out[key] = kind(value)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}") from err
-    return out
 
 
 @dataclass
@@ -95,15 +38,12 @@ def _init_from(init: Any) -> InitFrom:
     if not isinstance(init, dict) or "path" not in init:
         raise ConfigError(f"init_from: expected a path or a mapping with `path` (and `drop`, `allow_missing`), "
                           f"got {init!r}")
-    bad = sorted(set(init) - set(InitFrom.__dataclass_fields__))
-    if bad:
-        raise ConfigError(f"init_from: unknown keys {bad}; expected {sorted(InitFrom.__dataclass_fields__)}")
-    return InitFrom(**init)
+    return from_mapping(InitFrom, init, "init_from")
 
 
 @dataclass
 class DataSection:
-    config: str = "configs/data/synth.yaml"
+    config: str = str(SYNTH_DATA)  # a data config; default: the synthetic world's, shipped with the package
     root: str | None = None
     dataset: str = ""  # the `name` of an entry of the data config's `train` list
     batch_size: int = 8  # map-style datasets; streams batch themselves
@@ -189,22 +129,12 @@ class TrainConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"a training config is a mapping of sections, got {type(raw).__name__}")
         raw = copy.deepcopy(raw)
-        known = set(cls.SECTIONS) | {"output_dir", "init_from"}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"unknown top-level keys {unknown}; expected {sorted(known)}")
+        check_keys(raw, [*cls.SECTIONS, "output_dir", "init_from"], "training config")
         if not raw.get("output_dir"):
             raise ConfigError("output_dir is required")
         kwargs: dict[str, Any] = {"output_dir": str(raw["output_dir"]), "raw": copy.deepcopy(raw)}
         for name, section in cls.SECTIONS.items():
-            values = raw.get(name) or {}
-            if not isinstance(values, dict):
-                raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
-            fields = set(section.__dataclass_fields__)
-            bad = sorted(set(values) - fields)
-            if bad:
-                raise ConfigError(f"{name}: unknown keys {bad}; expected {sorted(fields)}")
-            kwargs[name] = section(**_coerce(section, name, values))
+            kwargs[name] = from_mapping(section, raw.get(name) or {}, name)
         if raw.get("init_from"):
             init = raw["init_from"]
             kwargs["init_from"] = InitFrom(path=init) if isinstance(init, str) else _init_from(init)
@@ -217,14 +147,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such training config" + (" (a directory)" if path.is_dir() else ""))
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a training config is a mapping of sections, got {type(raw).__name__}")
+        raw = read_yaml(path, "training config", ConfigError)
         raw = apply_overrides(raw, overrides or [])
         try:
             return cls.from_dict(raw)

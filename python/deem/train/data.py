@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from deem.data import build_collator, build_dataset, load_tokenizer
-from deem.data.cli import load_data_config
+from deem.data.collators import split_batch
+from deem.data.config import load_data_config
 from deem.data.errors import BadSampleTracker, CountDeltas, Counts, DataError, merge_counts, snapshot
 from deem.data.registry import trackers_of
 from deem.data.tokenizer import DeemTokenizer
@@ -63,7 +64,8 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 class TrainData:
-    """Infinite iterator of batches (dicts of model inputs) with `state_dict`/`load_state_dict`."""
+    """Infinite iterator of batches, each a dict of `DeemModel.forward` inputs only (the collators' metadata is
+    consumed here), with `state_dict`/`load_state_dict`."""
 
     def __init__(
         self,
@@ -157,7 +159,8 @@ class TrainData:
                     continue
                 produced = True
                 self._advance(batch)
-                yield {k: _to_device(v, device) for k, v in batch.items()}
+                inputs, _ = split_batch(batch)  # the metadata stays here (its counts are taken above)
+                yield {k: _to_device(v, device) for k, v in inputs.items()}
             if not produced and self.epoch > 1000:
                 raise DataError(f"{self.config_path}: the training data yields no batches")
             self._next_epoch()
