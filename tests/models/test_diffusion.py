@@ -368,7 +368,8 @@ def test_loss_shapes_and_gradient_flow(model):
 
 
 def test_unet_trainable_flag():
-    m = DiffusionFeedback(DiffusionConfig.tiny(freeze_unet=False))
+    m = DiffusionFeedback(DiffusionConfig.tiny())
+    m.set_trainable(freeze_unet=False)
     assert all(p.requires_grad for p in m.unet.parameters())
     assert not any(p.requires_grad for p in m.vae.parameters())
     frozen = {n for n, p in m.mmfs_module.named_parameters() if not p.requires_grad}

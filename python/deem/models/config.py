@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from transformers import LlamaConfig, PretrainedConfig
@@ -14,18 +16,7 @@ from deem.models.diffusion import DiffusionConfig
 from deem.models.llm import MMFSSettings
 from deem.models.resampler import QFormerConfig
 from deem.models.vision import SnifferConfig
-
-LLAMA_SPECIAL_TOKENS = {
-    "bos": 1,
-    "eos": 2,
-    "pad": 31999,
-    "soi": 32000,
-    "image": 32001,
-    "ref": 32002,
-    "/ref": 32003,
-    "box": 32004,
-    "/box": 32005,
-}
+from deem.tokens import LLAMA_SPECIAL_TOKENS, TokenLayout
 
 STAGES = ("pretrain_deem", "pretrain_baseline", "sft_caption", "sft_vqa", "sft_referring")
 
@@ -84,7 +75,7 @@ class DeemConfig(PretrainedConfig):
         self.image_decoder_resampler = _asdict(image_decoder_resampler)
         self.diffusion = _asdict(diffusion)
         self.mask_pooling = _asdict(mask_pooling)
-        self.special_tokens = dict(special_tokens or LLAMA_SPECIAL_TOKENS)
+        self.special_tokens = dict(special_tokens or LLAMA_SPECIAL_TOKENS.as_dict())
         self.text_vocab_size = text_vocab_size
         self.base_vocab_size = base_vocab_size
         self.num_img_token = num_img_token
@@ -165,9 +156,65 @@ class DeemConfig(PretrainedConfig):
 
 # ------------------------------------------------------------------------------------------ presets
 
+Preset = Callable[..., DeemConfig]
+PRESETS: dict[str, Preset] = {}
+"""The model presets by name (`register_preset`); each takes `tokens` (a tokenizer's `TokenLayout`) and
+`image_size` (the image encoder's resolution), both optional."""
 
-def deem_7b(diffusion_path: str | None = None) -> DeemConfig:
-    """The original DEEM 7B: Vicuna-7B, ConvNeXt-B sniffer at 256 px, SD-2.1-base (spec/model.md §0)."""
+
+def register_preset(fn: Preset) -> Preset:
+    """Add a preset function to `PRESETS` under its own name (timm's `register_model`)."""
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+def create_config(name: str, tokens: TokenLayout | None = None, image_size: int | None = None) -> DeemConfig:
+    """The preset `name` built for a tokenizer's layout and an image size (both optional)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name](tokens=tokens, image_size=image_size)
+
+
+def config_from_name(name: str, stage: str | None = None) -> DeemConfig:
+    """A preset (`PRESETS`) or a saved config (a directory with config.json, or the JSON file)."""
+    if name in PRESETS:
+        cfg = create_config(name)
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise ConfigError(f"unknown config {name!r}: not a preset ({', '.join(PRESETS)}) nor an existing path")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a saved deem model (no config.json)")
+        file = path if path.is_file() else path / "config.json"
+        try:
+            cfg = DeemConfig.from_json_file(str(file))
+        except ConfigError as err:
+            raise ConfigError(f"{file}: {err}") from err
+        except (OSError, ValueError) as err:  # transformers: not JSON / not readable
+            raise ConfigError(f"{file}: not a deem config JSON ({err})") from err
+    return with_stage(cfg, stage) if stage else cfg
+
+
+def check_token_layout(cfg: DeemConfig, tokens: TokenLayout, what: str = "the model") -> None:
+    """A model config must take a tokenizer's special ids, fit its vocabulary and read its image runs."""
+    if cfg.special_tokens != tokens.special.as_dict():
+        raise ConfigError(
+            f"the model's special-token ids {cfg.special_tokens} differ from the tokenizer's "
+            f"{tokens.special.as_dict()}: {what} needs a tokenizer with its id layout"
+        )
+    if tokens.vocab_size > cfg.text_vocab_size:
+        raise ConfigError(f"the tokenizer has {tokens.vocab_size} ids, the model's embedding {cfg.text_vocab_size}")
+    if cfg.num_img_token != tokens.num_img_token:
+        raise ConfigError(
+            f"the model takes {cfg.num_img_token} image tokens, the tokenizer writes {tokens.num_img_token}"
+        )
+
+
+@register_preset
+def deem_7b(tokens: TokenLayout | None = None, image_size: int | None = None,
+            diffusion_path: str | None = None) -> DeemConfig:
+    """The original DEEM 7B: Vicuna-7B, ConvNeXt-B sniffer at 256 px (`image_size`: 448 for the SFT stages),
+    SD-2.1-base (spec/model.md §0). Its token layout is Vicuna's: `tokens` must match it."""
     llm = LlamaConfig(
         vocab_size=32000,
         hidden_size=4096,
@@ -182,7 +229,7 @@ def deem_7b(diffusion_path: str | None = None) -> DeemConfig:
         pad_token_id=0,
     )
     diffusion = DiffusionConfig.sd21_base(diffusion_path)
-    return DeemConfig(
+    cfg = DeemConfig(
         llm=llm,
         mmfs=MMFSSettings(),
         sniffer=SnifferConfig.convnext_base(),
@@ -191,15 +238,24 @@ def deem_7b(diffusion_path: str | None = None) -> DeemConfig:
         diffusion=diffusion,
         mask_pooling=None,
     )
+    if image_size is not None:
+        _set_image_size(cfg, image_size)
+        cfg._validate()
+    if tokens is not None:
+        check_token_layout(cfg, tokens, "the deem_7b preset")
+    return cfg
 
 
-def tiny(
-    vocab_size: int = 518, num_img_token: int = 4, special_tokens: dict[str, int] | None = None, image_size: int = 32
-) -> DeemConfig:
+@register_preset
+def tiny(tokens: TokenLayout | None = None, image_size: int | None = None) -> DeemConfig:
     """A model of a few hundred thousand parameters running every code path on a CPU in seconds.
 
-    `vocab_size` and `special_tokens` come from the tiny tokenizer (deem.data.build_tiny_tokenizer: the six
-    DEEM tokens are the last ids); `image_size` is the sniffer and diffusion resolution."""
+    `tokens`: the tiny tokenizer's layout (deem.data.build_tiny_tokenizer: the six DEEM tokens are the last
+    ids); None: a 518-id vocabulary laid out the same way, 4 image tokens. `image_size` is the sniffer and
+    diffusion resolution (default 32)."""
+    image_size = image_size or 32
+    vocab_size = tokens.vocab_size if tokens is not None else 518
+    num_img_token = tokens.num_img_token if tokens is not None else 4
     llm = LlamaConfig(
         vocab_size=vocab_size - 6,
         hidden_size=96,
@@ -248,10 +304,11 @@ def tiny(
         heads=2,
         num_queries=num_img_token,
     )
-    special = special_tokens or {
-        k: v for k, v in zip(("soi", "image", "ref", "/ref", "box", "/box"), range(vocab_size - 6, vocab_size))
-    }
-    special = {"bos": 1, "eos": 2, "pad": 3, **special}
+    if tokens is not None:
+        special = tokens.special.as_dict()
+    else:
+        roles = ("soi", "image", "ref", "/ref", "box", "/box")
+        special = {"bos": 1, "eos": 2, "pad": 3, **dict(zip(roles, range(vocab_size - 6, vocab_size)))}
     return DeemConfig(
         llm=llm,
         mmfs=mmfs,
@@ -302,10 +359,15 @@ def with_stage(config: DeemConfig, stage: str, image_size: int | None = None) ->
                 "mask_size": 112 if width >= 1024 else 16,
             }
     if image_size is not None:
-        cfg.sniffer["image_size"] = image_size
-        sides = [image_size // s for s in (4, 8, 16, 32)]
-        cfg.mmfs["spatial_shapes"] = sides[1:]
-        if cfg.diffusion is not None:
-            cfg.diffusion["mmfs_spatial_shapes"] = sides
+        _set_image_size(cfg, image_size)
     cfg._validate()
     return cfg
+
+
+def _set_image_size(cfg: DeemConfig, image_size: int) -> None:
+    """The sniffer's resolution and the feature sizes the LLM and UNet MMFS layers expect from it."""
+    cfg.sniffer["image_size"] = image_size
+    sides = [image_size // s for s in (4, 8, 16, 32)]
+    cfg.mmfs["spatial_shapes"] = sides[1:]
+    if cfg.diffusion is not None:
+        cfg.diffusion["mmfs_spatial_shapes"] = sides

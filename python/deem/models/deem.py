@@ -34,9 +34,9 @@ from deem.models.multimodal import (
     pack_image_features,
     previous_image_features,
     scatter_image_embeddings,
-    sincos_1d,
     text_loss,
 )
+from deem.models.positions import sincos_pos_embed_1d
 from deem.models.resampler import PerceiverResampler, QFormerConfig
 from deem.models.visual_tokenizer import VisualTokenizer, VisualTokens
 
@@ -228,7 +228,7 @@ class DeemModel(DeemPreTrainedModel):
             raise ValueError(
                 f"an image's context has {ctx.shape[1]} tokens, more than context_seq_len={self.config.context_seq_len}"
             )
-        pos = sincos_1d(ctx.shape[1], ctx.shape[-1], device=ctx.device, dtype=ctx.dtype)
+        pos = sincos_pos_embed_1d(ctx.shape[-1], torch.arange(ctx.shape[1]), ctx.dtype).to(ctx.device)
         return self.context_feat_proj(ctx) + pos[None], mask
 
     # ------------------------------------------------------------------ training forward

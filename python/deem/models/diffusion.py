@@ -17,7 +17,7 @@ suite checks `run_unet` against the UNet's own `forward`, which guards against d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -133,7 +133,6 @@ class DiffusionConfig:
     vae_config: dict[str, Any] | None = None
     scheduler_config: dict[str, Any] | None = None
     image_size: int = 512
-    freeze_unet: bool = True
     unet_gradient_checkpointing: bool = True
     vae_batch_size: int = 32  # VAE encode/decode mini-batch
     generation_batch_size: int = 32
@@ -659,8 +658,8 @@ def _check_batch(name: str, t: torch.Tensor, batch: int) -> None:
 class DiffusionFeedback(nn.Module):
     """Frozen Stable Diffusion (UNet + VAE + DDPM schedule) with a trainable MMFSNet.
 
-    Sub-modules: `unet` (diffusers UNet2DConditionModel; frozen unless `config.freeze_unet` is
-    False), `vae` (AutoencoderKL, always frozen and always fp32, also under `.to(dtype)`/`.half()`),
+    Sub-modules: `unet` (diffusers UNet2DConditionModel; frozen unless `set_trainable(freeze_unet=False)`),
+    `vae` (AutoencoderKL, always frozen and always fp32, also under `.to(dtype)`/`.half()`),
     `mmfs_module` (MMFSNet; `mmfs_net` is an alias). `scheduler` is the DDPMScheduler and
     `alphas_cumprod` its fp32 CPU schedule (neither is module state, so meta-device construction plus
     `to_empty` and a state-dict load leave them intact; `MMFSNet.reset_parameters` restores the
@@ -710,13 +709,11 @@ class DiffusionFeedback(nn.Module):
         return int(self.scheduler.config.num_train_timesteps)
 
     # ---------------------------------------------------------------- freezing / dtype
-    def set_trainable(self, freeze_unet: bool | None = None) -> None:
-        """VAE frozen; UNet frozen iff `freeze_unet` (default: the config flag); MMFSNet trainable
-        (except its frozen sin-cos tables and ignore tokens)."""
-        if freeze_unet is not None:
-            self.config = replace(self.config, freeze_unet=freeze_unet)
+    def set_trainable(self, freeze_unet: bool = True) -> None:
+        """VAE frozen; UNet frozen iff `freeze_unet` (the model's flag: `DeemConfig.freeze_dm`); MMFSNet
+        trainable (except its frozen sin-cos tables and ignore tokens)."""
         self.vae.requires_grad_(False)
-        self.unet.requires_grad_(not self.config.freeze_unet)
+        self.unet.requires_grad_(not freeze_unet)
         self.mmfs_module.set_trainable()
 
     def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
