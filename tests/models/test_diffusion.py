@@ -16,12 +16,13 @@ from deem.models.diffusion import (
     DiffusionFeedback,
     MMFSFeatures,
     MMFSNet,
-    image_generation_loss,
+    generation_loss,
     mmfs_block_layout,
     negative_prompt_embedding,
     pack_mmfs_features,
     remap_encoder_timesteps,
     run_unet,
+    sample_images,
     sniffer_loss,
 )
 
@@ -326,12 +327,14 @@ def test_sniffer_loss_hand_example():
     assert sniffer_loss(loss, empty).item() == pytest.approx(0.5, rel=1e-6)
 
 
-def test_image_generation_loss_is_not_renormalised():
-    loss = torch.ones(4, 2, 3, 3)
-    assert image_generation_loss(loss, torch.tensor([1.0, 0.0, 1.0, 0.0])).item() == pytest.approx(0.5)
-    assert image_generation_loss(loss).item() == 1.0
+def test_generation_loss_averages_over_the_trained_images_only():
+    loss = torch.ones(4, 2, 3, 3) * torch.tensor([1.0, 5.0, 3.0, 7.0]).view(4, 1, 1, 1)
+    # masked-out images do not dilute the mean (the original's mean over all images would give 1.0)
+    assert generation_loss(loss, torch.tensor([1.0, 0.0, 1.0, 0.0])).item() == pytest.approx(2.0)
+    assert generation_loss(loss, torch.ones(4)).item() == pytest.approx(4.0)
+    assert generation_loss(loss, torch.zeros(4)).item() == 0.0
     with pytest.raises(ValueError, match="sample_mask"):
-        image_generation_loss(loss, torch.ones(3))
+        generation_loss(loss, torch.ones(3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,7 +560,8 @@ def test_generate_shapes_range_determinism_and_cfg(model):
     )
     steps = []
     t_handle = model.unet.time_proj.register_forward_pre_hook(lambda mod, args: steps.append(args[0][0].item()))
-    out = model.generate(cond, neg, feats, mask, guidance_scale=3.5, generator=torch.Generator().manual_seed(1), **kw)
+    out = sample_images(model, cond, neg, feats, mask, guidance_scale=3.5,
+                        generator=torch.Generator().manual_seed(1), **kw)
     handle.remove()
     t_handle.remove()
     assert out.shape == (B, 3, 32, 32) and out.dtype == torch.float32
@@ -568,21 +572,23 @@ def test_generate_shapes_range_determinism_and_cfg(model):
     flat, m = seen[0]
     assert flat.shape[0] == 2 * B and torch.equal(flat[:B], flat[B:]) and torch.equal(m[:B], m[B:])
 
-    again = model.generate(cond, neg, feats, mask, guidance_scale=3.5, generator=torch.Generator().manual_seed(1), **kw)
+    again = sample_images(model, cond, neg, feats, mask, guidance_scale=3.5,
+                        generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(out, again)
-    other_seed = model.generate(cond, neg, feats, mask, generator=torch.Generator().manual_seed(2), **kw)
+    other_seed = sample_images(model, cond, neg, feats, mask, generator=torch.Generator().manual_seed(2), **kw)
     assert (other_seed - out).abs().max() > 1e-3
 
     # guidance 1.0 reduces to the conditional prediction
-    cfg1 = model.generate(cond, neg, feats, mask, guidance_scale=1.0, generator=torch.Generator().manual_seed(1), **kw)
-    cond_only = model.generate(cond, None, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
+    cfg1 = sample_images(model, cond, neg, feats, mask, guidance_scale=1.0,
+                         generator=torch.Generator().manual_seed(1), **kw)
+    cond_only = sample_images(model, cond, None, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
     torch.testing.assert_close(cfg1, cond_only, rtol=0, atol=1e-4)
     assert (cfg1 - out).abs().max() > 1e-3  # and guidance 3.5 does use the negative branch
 
     # mini-batches of one: the first image starts from the same latents, the shapes hold
     model.config.generation_batch_size = 1
-    small = model.generate(cond, neg, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
+    small = sample_images(model, cond, neg, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
     assert small.shape == out.shape and small.min() >= 0 and small.max() <= 1
 
     with pytest.raises(ValueError, match="negative_cond"):
-        model.generate(cond, torch.randn(3, 77, 16), **kw)
+        sample_images(model, cond, torch.randn(3, 77, 16), **kw)

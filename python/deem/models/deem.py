@@ -23,7 +23,7 @@ from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from deem.models.config import DeemConfig
-from deem.models.diffusion import DiffusionFeedback, pack_mmfs_features
+from deem.models.diffusion import DiffusionFeedback, generation_loss, pack_mmfs_features, sample_images, sniffer_loss
 from deem.models.llm import DeemLlamaModel, TextHead, VisionContext
 from deem.models.loading import CheckpointError
 from deem.models.multimodal import (
@@ -294,10 +294,7 @@ class DeemModel(DeemPreTrainedModel):
         sample_mask = (mask.sum(1) > 2).float()  # more context than <s><soi>
         if image_loss_mask is not None:
             sample_mask = sample_mask * image_loss_mask.float().to(sample_mask.device)
-        # Mean over the images that are trained on. The original takes the mean over all images after
-        # masking, so unconditioned images dilute the loss (spec/model.md §14, bug 6).
-        per_image = per_pixel.float().mean(dim=(1, 2, 3))
-        return (per_image * sample_mask).sum() / sample_mask.sum().clamp_min(1.0)
+        return generation_loss(per_pixel, sample_mask)
 
     # ------------------------------------------------------------------ generation
     def _causal_lm(self) -> LlamaForCausalLM:
@@ -437,7 +434,8 @@ class DeemModel(DeemPreTrainedModel):
         idx = list(range(cond.shape[0])) if target_image_idxs is None else list(target_image_idxs)
         feats = pack_mmfs_features([p[idx] for p in prev])
         neg = self.image_decoder.neg_prompt_embeds.expand(len(idx), -1, -1)
-        return self.diffusion.generate(
+        return sample_images(
+            self.diffusion,
             cond[idx],
             neg,
             feats,
@@ -512,7 +510,7 @@ class DeemModel(DeemPreTrainedModel):
         per_pixel = self.diffusion.loss(
             images_dec, tok.proj_i(queries), feats, ones, mode="encoder", timesteps=timesteps, generator=generator
         )
-        return self.diffusion.sniffer_loss(per_pixel, masks)
+        return sniffer_loss(per_pixel, masks)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, pack_mmfs_features
+from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, losses, pack_mmfs_features
 from deem.models.mask_pooling import MaskPooling, binary_mask_like
 from deem.models.resampler import PerceiverResampler, QFormerConfig
 from deem.models.vision import ConvNeXtSniffer, SnifferConfig
@@ -84,7 +84,7 @@ class VisualTokenizer(nn.Module):
             per_pixel = diffusion.loss(
                 images_dec, self.proj_i(queries), feats, ones, mode="encoder", generator=generator
             )
-            loss = diffusion.sniffer_loss(per_pixel, masks)
+            loss = losses.sniffer_loss(per_pixel, masks)
         return VisualTokens(self.proj_t(queries), out.multiscale, loss)
 
     @staticmethod
