@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import deem.ops
+from deem.data.labels import build_labels
 from deem.models import STAGES, DeemModel, tiny, with_stage
 from deem.models.loading import ORIGINAL_KEY_MAP, CheckpointError, read_state_dict
+from deem.tokens import SpecialTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,8 +38,10 @@ def make_batch(cfg, seed=0):
         att[i, : len(r)] = 1
     size = cfg.sniffer["image_size"]
     images = torch.rand(3, 3, size, size, generator=g)
-    return dict(text_ids=ids, attention_mask=att, image_tensors=images, image_tensors_dec=images.clone(),
-                num_image_per_seq=torch.tensor([1, 2]), nearest_bos_idxs=torch.tensor([0, 0, 0]))
+    labels = build_labels(ids, att, att.bool(), SpecialTokens.from_dict(sp))  # every token of the sequences
+    return dict(text_ids=ids, attention_mask=att, gt_text_ids=labels, image_tensors=images,
+                image_tensors_dec=images.clone(), num_image_per_seq=torch.tensor([1, 2]),
+                nearest_bos_idxs=torch.tensor([0, 0, 0]))
 
 
 def make_model(stage="pretrain_deem", seed=0):
@@ -320,3 +324,43 @@ def test_generate_scores_match_a_plain_forward_and_do_not_depend_on_chunking():
         logp = out.logits.log_softmax(-1)
     expected = logp[0, len(ctx) - 1, 6] + logp[0, len(ctx), 7]
     assert torch.allclose(one[0, 1], expected, atol=1e-5)
+
+
+def test_test_time_adaptation_masks_the_patches_as_training_does():
+    """With region masks, adaptation scores the same visual tokens as the training path: the patch tokens
+    outside the region are masked before the Q-Former in both (adaptation once skipped that)."""
+    model = make_model()
+    model.train()
+    batch = make_batch(model.config)
+    images, images_dec = batch["image_tensors"][:1], batch["image_tensors_dec"][:1]
+    masks = torch.zeros(1, 1, *images.shape[-2:])
+    masks[..., : images.shape[-2] // 2, :] = 1.0  # the upper half
+    seen = []
+    hook = model.visual_tokenizer.perceiver_resampler.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].detach().clone()))
+    with model.test_time_adaptation(images, images_dec, masks, steps=1, samples=1,
+                                    generator=torch.Generator().manual_seed(0)):
+        pass  # the first (and only) loss is computed before the optimizer step: with the original weights
+    model.visual_tokenizer(images, masks=masks)
+    hook.remove()
+    adapted, trained = seen
+    assert torch.equal(adapted, trained)
+    seen.clear()
+    hook = model.visual_tokenizer.perceiver_resampler.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].detach().clone()))
+    model.visual_tokenizer(images)  # the mask matters: without it the tokens differ
+    hook.remove()
+    assert not torch.equal(seen[0], trained)
+
+
+def test_training_forward_needs_the_collators_labels():
+    model = make_model()
+    model.train()
+    batch = make_batch(model.config)
+    del batch["gt_text_ids"]
+    with pytest.raises(ValueError, match="gt_text_ids"):
+        model(**batch)
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)  # inference: logits, no text loss
+    assert out.loss_txt is None and out.logits is not None

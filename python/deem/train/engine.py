@@ -230,9 +230,8 @@ class Trainer:
         micro-batches: each micro-batch's loss is its target sum / (all targets of the step / (ranks x
         micro-batches)), which the gradient averaging over ranks and the 1/micro-batches scaling turn into the
         global token mean."""
-        unwrapped = self.acc.unwrap_model(self.model)
         # a micro-batch that trains no text (text weight 0) has no targets that count
-        local = sum(num_text_targets(unwrapped.text_labels(**b)) for b in micro_batches
+        local = sum(num_text_targets(b["gt_text_ids"]) for b in micro_batches
                     if b.get("loss_txt_weight") is None or float(b["loss_txt_weight"]) != 0)
         total = torch.tensor([float(local)], device=self.acc.device, dtype=torch.float64)
         if self.acc.num_processes > 1:
