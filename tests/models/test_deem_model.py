@@ -36,7 +36,7 @@ def make_batch(cfg, seed=0):
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         att[i, : len(r)] = 1
-    size = cfg.sniffer["image_size"]
+    size = cfg.image_encoder["image_size"]
     images = torch.rand(3, 3, size, size, generator=g)
     labels = build_labels(ids, att, att.bool(), SpecialTokens.from_dict(sp))  # every token of the sequences
     return dict(text_ids=ids, attention_mask=att, gt_text_ids=labels, image_tensors=images,
@@ -63,9 +63,9 @@ def test_three_losses_finite_forward_and_backward():
     model = make_model()
     model.train()
     out = model(**make_batch(model.config), generator=torch.Generator().manual_seed(0))
-    for loss in (out.loss, out.loss_txt, out.loss_img, out.loss_sniffer):
+    for loss in (out.loss, out.loss_txt, out.loss_img, out.loss_feedback):
         assert loss is not None and torch.isfinite(loss)
-    expected = out.loss_txt + 5.0 * out.loss_img + 5.0 * out.loss_sniffer
+    expected = out.loss_txt + 5.0 * out.loss_img + 5.0 * out.loss_feedback
     assert torch.allclose(out.loss, expected)
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -96,15 +96,15 @@ def test_gradients_reach_exactly_the_trained_parameters(stage):
     llm_body = any(n.startswith("llm.layers.1.self_attn") for n in trainable)
     assert llm_body == (not cfg.freeze_llm)
     assert "text_head.head.weight" not in trainable and "text_head.head_new.weight" in trainable
-    trunk = any(n.startswith("visual_tokenizer.sniffer.trunk.") for n in trainable)
-    assert trunk == (not cfg.freeze_vfm)
-    assert any(n.startswith("visual_tokenizer.sniffer.adapter_c3") for n in trainable)
+    trunk = any(n.startswith("visual_tokenizer.image_encoder.trunk.") for n in trainable)
+    assert trunk == (not cfg.freeze_image_encoder)
+    assert any(n.startswith("visual_tokenizer.image_encoder.adapter_c3") for n in trainable)
     if model.diffusion is not None:
         assert not any(n.startswith("diffusion.vae.") for n in trainable)
-        assert any(n.startswith("diffusion.unet.") for n in trainable) == (not cfg.freeze_dm)
+        assert any(n.startswith("diffusion.unet.") for n in trainable) == (not cfg.freeze_unet)
         assert "diffusion.mmfs_module" in prefixes
     if stage == "pretrain_baseline":
-        assert model(**batch).loss_sniffer is None  # the MM-Interleaved baseline has no sniffer loss
+        assert model(**batch).loss_feedback is None  # the MM-Interleaved baseline has no feedback loss
     if stage == "sft_referring":
         assert model.diffusion is None and any(n.startswith("visual_tokenizer.feature_extractor") for n in trainable)
 
@@ -133,10 +133,10 @@ def _original_format(model) -> dict[str, torch.Tensor]:
     inverse = [(new, old) for old, new in ORIGINAL_KEY_MAP if new is not None]
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith("visual_tokenizer.sniffer.pos_embed"):
+        if key.startswith("visual_tokenizer.image_encoder.pos_embed"):
             out["visual_tokenizer.pos_embed"] = value
             continue
-        if key.startswith("visual_tokenizer.sniffer.clip_"):
+        if key.startswith("visual_tokenizer.image_encoder.clip_"):
             continue  # constants, not in the original checkpoint
         for new, old in inverse:
             if key.startswith(new):
@@ -157,7 +157,7 @@ def test_original_checkpoint_key_map(tmp_path):
     target = make_model(seed=2)
     report = target.load_original_checkpoint(tmp_path / "pytorch_model.bin")
     assert not report.unexpected
-    assert all(k.startswith("visual_tokenizer.sniffer.clip_") for k in report.missing), report.missing
+    assert all(k.startswith("visual_tokenizer.image_encoder.clip_") for k in report.missing), report.missing
     assert "visual_tokenizer.sniffer.vision_model.visual.head.proj.weight" in report.ignored
     for k, v in source.state_dict().items():
         assert torch.equal(v, target.state_dict()[k]), k
@@ -191,13 +191,13 @@ def test_from_components_in_the_real_formats(tmp_path):
     sd.vae.save_pretrained(tmp_path / "sd" / "vae")
     sd.scheduler.save_pretrained(tmp_path / "sd" / "scheduler")
     # an open_clip ConvNeXt checkpoint: visual.trunk.* keys plus text-tower keys, as a .bin
-    sniffer_src = DeemModel(cfg).visual_tokenizer.sniffer
-    clip = {f"visual.trunk.{k}": v for k, v in sniffer_src.trunk.state_dict().items()}
+    encoder_src = DeemModel(cfg).visual_tokenizer.image_encoder
+    clip = {f"visual.trunk.{k}": v for k, v in encoder_src.trunk.state_dict().items()}
     clip["token_embedding.weight"] = torch.zeros(4, 4)
     torch.save(clip, tmp_path / "open_clip_pytorch_model.bin")
 
     model, reports = DeemModel.from_components(cfg, llm_path=tmp_path / "vicuna", diffusion_path=tmp_path / "sd",
-                                               sniffer_checkpoint=tmp_path / "open_clip_pytorch_model.bin",
+                                               image_encoder_checkpoint=tmp_path / "open_clip_pytorch_model.bin",
                                                generator=torch.Generator().manual_seed(0))
     llama_sd = llama.state_dict()
     ours = model.state_dict()
@@ -208,8 +208,8 @@ def test_from_components_in_the_real_formats(tmp_path):
     assert torch.equal(ours["text_head.head.weight"][: cfg.base_vocab_size], llama_sd["lm_head.weight"])
     assert (ours["text_head.head.bias"][cfg.base_vocab_size:] == -100).all()
     assert torch.equal(ours["diffusion.unet.conv_in.weight"], sd.unet.state_dict()["conv_in.weight"])
-    stem = "visual_tokenizer.sniffer.trunk.stem.0.weight"
-    assert torch.equal(ours[stem], sniffer_src.trunk.state_dict()["stem.0.weight"])
+    stem = "visual_tokenizer.image_encoder.trunk.stem.0.weight"
+    assert torch.equal(ours[stem], encoder_src.trunk.state_dict()["stem.0.weight"])
     assert all(r.loaded for r in reports)
     # the saved model no longer refers to the SD directory
     model.save_pretrained(tmp_path / "deem")

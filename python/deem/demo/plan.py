@@ -49,7 +49,7 @@ class DemoPlan:
 
 
 def demo_model_config(tiny_config: DeemConfig) -> DeemConfig:
-    """The demo's model: the tiny preset (its tokenizer's ids, 64 px sniffer) with a diffusion side that can
+    """The demo's model: the tiny preset (its tokenizer's ids, 64 px image encoder) with a diffusion side that can
     learn to draw the world in CPU seconds: 16 px images (the data config's `resolution_dec`), a 2-block VAE
     (8 x 8 x 4 latents), a [16, 32]-channel UNet with 32-wide cross-attention, and an image-decoder Q-Former
     of that width."""

@@ -1,5 +1,5 @@
 """Test-time adaptation of `DeemModel`'s visual tokenizer by diffusion feedback (spec/model.md §10.3): a few
-optimiser steps on the sniffer loss of the test images, then every weight restored."""
+optimiser steps on the feedback loss of the test images, then every weight restored."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class AdaptationMethods:
         generator: torch.Generator | None = None,
     ) -> Iterator[list[float]]:
         """Adapt the visual tokenizer to the test images by diffusion feedback, then restore it exactly
-        (spec/model.md §10.3, the intended procedure): `steps` AdamW steps on the sniffer loss with `samples`
+        (spec/model.md §10.3, the intended procedure): `steps` AdamW steps on the feedback loss with `samples`
         timesteps per image spread over the schedule (s, s + 1000/samples, ...). Yields the losses;
         every weight, requires_grad flag and train/eval mode is restored on exit."""
         if self.diffusion is None:
@@ -50,7 +50,7 @@ class AdaptationMethods:
                 for _ in range(steps):
                     start = int(torch.randint(0, stride, (1,), generator=generator))
                     t = (start + stride * torch.arange(samples)).repeat(n).to(images.device)
-                    loss = tok.sniffer_loss(tok.encode(images, masks), images_dec, self.diffusion, t, generator)
+                    loss = tok.feedback_loss(tok.encode(images, masks), images_dec, self.diffusion, t, generator)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

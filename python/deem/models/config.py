@@ -15,7 +15,7 @@ from deem.errors import ConfigError
 from deem.models.diffusion import DiffusionConfig
 from deem.models.llm import MMFSSettings
 from deem.models.resampler import QFormerConfig
-from deem.models.vision import SnifferConfig
+from deem.models.vision import ImageEncoderConfig
 from deem.tokens import LLAMA_SPECIAL_TOKENS, TokenLayout
 
 STAGES = ("pretrain_deem", "pretrain_baseline", "sft_caption", "sft_vqa", "sft_referring")
@@ -32,10 +32,10 @@ def _asdict(value: Any) -> dict[str, Any] | None:
 
 
 class DeemConfig(PretrainedConfig):
-    """The whole DEEM model: LLM, MMFS cross-attention, sniffer, resamplers, diffusion feedback.
+    """The whole DEEM model: LLM, MMFS cross-attention, image encoder, resamplers, diffusion feedback.
 
-    Sub-configurations are plain dicts (JSON); the typed views (`llm_config`, `sniffer_config`, ...)
-    rebuild the component config objects. `diffusion=None` builds no Stable Diffusion (no sniffer loss,
+    Sub-configurations are plain dicts (JSON); the typed views (`llm_config`, `image_encoder_config`, ...)
+    rebuild the component config objects. `diffusion=None` builds no Stable Diffusion (no feedback loss,
     no image generation: the sft_referring stage); `image_decoder_resampler=None` builds no image decoder.
     """
 
@@ -45,8 +45,8 @@ class DeemConfig(PretrainedConfig):
         self,
         llm: dict | LlamaConfig | None = None,
         mmfs: dict | MMFSSettings | None = None,
-        sniffer: dict | SnifferConfig | None = None,
-        sniffer_resampler: dict | QFormerConfig | None = None,
+        image_encoder: dict | ImageEncoderConfig | None = None,
+        visual_tokenizer_resampler: dict | QFormerConfig | None = None,
         image_decoder_resampler: dict | QFormerConfig | None = None,
         diffusion: dict | DiffusionConfig | None = None,
         mask_pooling: dict | None = None,
@@ -57,11 +57,11 @@ class DeemConfig(PretrainedConfig):
         context_seq_len: int = 2048,
         loss_txt_weight: float = 1.0,
         loss_img_weight: float = 5.0,
-        loss_sniffer_weight: float = 5.0,
+        loss_feedback_weight: float = 5.0,
         uncond_prob: float = 0.1,
         freeze_llm: bool = True,
-        freeze_vfm: bool = False,
-        freeze_dm: bool = True,
+        freeze_image_encoder: bool = False,
+        freeze_unet: bool = True,
         freeze_text_head: bool = True,
         mask_align: bool = False,
         llm_gradient_checkpointing: bool = True,
@@ -70,8 +70,9 @@ class DeemConfig(PretrainedConfig):
     ) -> None:
         self.llm = _asdict(llm) or {}
         self.mmfs = _asdict(mmfs) or dataclasses.asdict(MMFSSettings())
-        self.sniffer = _asdict(sniffer) or dataclasses.asdict(SnifferConfig.convnext_base())
-        self.sniffer_resampler = _asdict(sniffer_resampler) or dataclasses.asdict(QFormerConfig.sniffer_7b())
+        self.image_encoder = _asdict(image_encoder) or dataclasses.asdict(ImageEncoderConfig.convnext_base())
+        self.visual_tokenizer_resampler = (_asdict(visual_tokenizer_resampler)
+                                           or dataclasses.asdict(QFormerConfig.visual_tokenizer_7b()))
         self.image_decoder_resampler = _asdict(image_decoder_resampler)
         self.diffusion = _asdict(diffusion)
         self.mask_pooling = _asdict(mask_pooling)
@@ -82,11 +83,11 @@ class DeemConfig(PretrainedConfig):
         self.context_seq_len = context_seq_len
         self.loss_txt_weight = loss_txt_weight
         self.loss_img_weight = loss_img_weight
-        self.loss_sniffer_weight = loss_sniffer_weight
+        self.loss_feedback_weight = loss_feedback_weight
         self.uncond_prob = uncond_prob
         self.freeze_llm = freeze_llm
-        self.freeze_vfm = freeze_vfm
-        self.freeze_dm = freeze_dm
+        self.freeze_image_encoder = freeze_image_encoder
+        self.freeze_unet = freeze_unet
         self.freeze_text_head = freeze_text_head
         self.mask_align = mask_align
         self.llm_gradient_checkpointing = llm_gradient_checkpointing
@@ -108,12 +109,12 @@ class DeemConfig(PretrainedConfig):
         return MMFSSettings(**{**self.mmfs, "spatial_shapes": tuple(self.mmfs["spatial_shapes"])})
 
     @property
-    def sniffer_config(self) -> SnifferConfig:
-        return SnifferConfig(**self.sniffer)
+    def image_encoder_config(self) -> ImageEncoderConfig:
+        return ImageEncoderConfig(**self.image_encoder)
 
     @property
-    def sniffer_resampler_config(self) -> QFormerConfig:
-        return QFormerConfig(**self.sniffer_resampler)
+    def visual_tokenizer_resampler_config(self) -> QFormerConfig:
+        return QFormerConfig(**self.visual_tokenizer_resampler)
 
     @property
     def image_decoder_resampler_config(self) -> QFormerConfig | None:
@@ -135,15 +136,16 @@ class DeemConfig(PretrainedConfig):
         if not self.llm:
             return  # an empty config (transformers instantiates one to read defaults)
         hidden = self.llm["hidden_size"]
-        if self.mmfs["vision_width"] != self.sniffer["out_dim"]:
+        if self.mmfs["vision_width"] != self.image_encoder["out_dim"]:
             raise ConfigError(
-                f"mmfs.vision_width {self.mmfs['vision_width']} != sniffer.out_dim {self.sniffer['out_dim']}"
+                f"mmfs.vision_width {self.mmfs['vision_width']} != image_encoder.out_dim "
+                f"{self.image_encoder['out_dim']}"
             )
-        if self.sniffer_resampler["encoder_width"] != self.sniffer["out_dim"]:
-            raise ConfigError("sniffer_resampler.encoder_width must equal sniffer.out_dim")
-        if self.sniffer_resampler["num_queries"] != self.num_img_token:
+        if self.visual_tokenizer_resampler["encoder_width"] != self.image_encoder["out_dim"]:
+            raise ConfigError("visual_tokenizer_resampler.encoder_width must equal image_encoder.out_dim")
+        if self.visual_tokenizer_resampler["num_queries"] != self.num_img_token:
             raise ConfigError(
-                f"sniffer_resampler.num_queries {self.sniffer_resampler['num_queries']} != "
+                f"visual_tokenizer_resampler.num_queries {self.visual_tokenizer_resampler['num_queries']} != "
                 f"num_img_token {self.num_img_token}"
             )
         if self.image_decoder_resampler is not None and self.image_decoder_resampler["encoder_width"] != hidden:
@@ -213,7 +215,7 @@ def check_token_layout(cfg: DeemConfig, tokens: TokenLayout, what: str = "the mo
 @register_preset
 def deem_7b(tokens: TokenLayout | None = None, image_size: int | None = None,
             diffusion_path: str | None = None) -> DeemConfig:
-    """The original DEEM 7B: Vicuna-7B, ConvNeXt-B sniffer at 256 px (`image_size`: 448 for the SFT stages),
+    """The original DEEM 7B: Vicuna-7B, ConvNeXt-B image encoder at 256 px (`image_size`: 448 for the SFT stages),
     SD-2.1-base (spec/model.md §0). Its token layout is Vicuna's: `tokens` must match it."""
     llm = LlamaConfig(
         vocab_size=32000,
@@ -232,8 +234,8 @@ def deem_7b(tokens: TokenLayout | None = None, image_size: int | None = None,
     cfg = DeemConfig(
         llm=llm,
         mmfs=MMFSSettings(),
-        sniffer=SnifferConfig.convnext_base(),
-        sniffer_resampler=QFormerConfig.sniffer_7b(),
+        image_encoder=ImageEncoderConfig.convnext_base(),
+        visual_tokenizer_resampler=QFormerConfig.visual_tokenizer_7b(),
         image_decoder_resampler=QFormerConfig.image_decoder_7b(),
         diffusion=diffusion,
         mask_pooling=None,
@@ -251,7 +253,7 @@ def tiny(tokens: TokenLayout | None = None, image_size: int | None = None) -> De
     """A model of a few hundred thousand parameters running every code path on a CPU in seconds.
 
     `tokens`: the tiny tokenizer's layout (deem.data.build_tiny_tokenizer: the six DEEM tokens are the last
-    ids); None: a 518-id vocabulary laid out the same way, 4 image tokens. `image_size` is the sniffer and
+    ids); None: a 518-id vocabulary laid out the same way, 4 image tokens. `image_size` is the image encoder and
     diffusion resolution (default 32)."""
     image_size = image_size or 32
     vocab_size = tokens.vocab_size if tokens is not None else 518
@@ -267,9 +269,9 @@ def tiny(tokens: TokenLayout | None = None, image_size: int | None = None) -> De
         max_position_embeddings=512,
     )
     sides = tuple(image_size // s for s in (4, 8, 16, 32))
-    sniffer = SnifferConfig.tiny(image_size=image_size, drop_path_rate=0.0)
+    image_encoder = ImageEncoderConfig.tiny(image_size=image_size, drop_path_rate=0.0)
     mmfs = MMFSSettings(
-        vision_width=sniffer.out_dim,
+        vision_width=image_encoder.out_dim,
         cross_attention_frequency=2,
         spatial_shapes=sides[1:],
         base_spatial_shape=sides[2],
@@ -283,13 +285,13 @@ def tiny(tokens: TokenLayout | None = None, image_size: int | None = None) -> De
         mmfs_spatial_shapes=sides,
         mmfs_heads=4,
         mmfs_points=4,
-        mmfs_feature_dim=sniffer.out_dim,
-        mmfs_attn_dim=sniffer.out_dim,
+        mmfs_feature_dim=image_encoder.out_dim,
+        mmfs_attn_dim=image_encoder.out_dim,
     )
     cross_dim = diffusion.unet_config["cross_attention_dim"]
-    sniffer_rs = dataclasses.replace(
-        QFormerConfig.tiny_sniffer(),
-        encoder_width=sniffer.out_dim,
+    tokenizer_rs = dataclasses.replace(
+        QFormerConfig.tiny_visual_tokenizer(),
+        encoder_width=image_encoder.out_dim,
         num_queries=num_img_token,
         hidden=64,
         heads=4,
@@ -312,8 +314,8 @@ def tiny(tokens: TokenLayout | None = None, image_size: int | None = None) -> De
     return DeemConfig(
         llm=llm,
         mmfs=mmfs,
-        sniffer=sniffer,
-        sniffer_resampler=sniffer_rs,
+        image_encoder=image_encoder,
+        visual_tokenizer_resampler=tokenizer_rs,
         image_decoder_resampler=decoder_rs,
         diffusion=diffusion,
         special_tokens=special,
@@ -328,21 +330,23 @@ def tiny(tokens: TokenLayout | None = None, image_size: int | None = None) -> De
 def with_stage(config: DeemConfig, stage: str, image_size: int | None = None) -> DeemConfig:
     """A copy of `config` set up for a training stage (spec/model.md §0.2, §8.7):
 
-    * pretrain_deem: LLM and UNet frozen, sniffer trained, sniffer loss on;
-    * pretrain_baseline (MM-Interleaved): sniffer trunk frozen, UNet trained, no sniffer loss;
+    * pretrain_deem: LLM and UNet frozen, image encoder trained, feedback loss on;
+    * pretrain_baseline (MM-Interleaved): encoder trunk frozen, UNet trained, no feedback loss;
     * sft_caption: as pretrain_deem (low learning rates come from the training config);
-    * sft_vqa: LLM trained, sniffer trunk frozen, UNet frozen (448 px for the 7B model);
+    * sft_vqa: LLM trained, encoder trunk frozen, UNet frozen (448 px for the 7B model);
     * sft_referring: as sft_vqa with mask alignment and no diffusion model.
-    `image_size` changes the sniffer resolution (and the feature sizes the MMFS layers expect)."""
+    `image_size` changes the image encoder resolution (and the feature sizes the MMFS layers expect)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
     cfg = DeemConfig.from_dict(config.to_dict())
     flags = {
-        "pretrain_deem": dict(freeze_llm=True, freeze_vfm=False, freeze_dm=True, loss_sniffer_weight=5.0),
-        "pretrain_baseline": dict(freeze_llm=True, freeze_vfm=True, freeze_dm=False, loss_sniffer_weight=0.0),
-        "sft_caption": dict(freeze_llm=True, freeze_vfm=False, freeze_dm=True),
-        "sft_vqa": dict(freeze_llm=False, freeze_vfm=True, freeze_dm=True),
-        "sft_referring": dict(freeze_llm=False, freeze_vfm=True, freeze_dm=True, mask_align=True),
+        "pretrain_deem": dict(freeze_llm=True, freeze_image_encoder=False, freeze_unet=True,
+                              loss_feedback_weight=5.0),
+        "pretrain_baseline": dict(freeze_llm=True, freeze_image_encoder=True, freeze_unet=False,
+                                  loss_feedback_weight=0.0),
+        "sft_caption": dict(freeze_llm=True, freeze_image_encoder=False, freeze_unet=True),
+        "sft_vqa": dict(freeze_llm=False, freeze_image_encoder=True, freeze_unet=True),
+        "sft_referring": dict(freeze_llm=False, freeze_image_encoder=True, freeze_unet=True, mask_align=True),
     }[stage]
     for key, value in flags.items():
         setattr(cfg, key, value)
@@ -351,7 +355,7 @@ def with_stage(config: DeemConfig, stage: str, image_size: int | None = None) ->
         cfg.diffusion = None
         cfg.image_decoder_resampler = None
         if cfg.mask_pooling is None:
-            width = cfg.sniffer["out_dim"]
+            width = cfg.image_encoder["out_dim"]
             cfg.mask_pooling = {
                 "feat_dim": width,
                 "width": width,
@@ -365,8 +369,8 @@ def with_stage(config: DeemConfig, stage: str, image_size: int | None = None) ->
 
 
 def _set_image_size(cfg: DeemConfig, image_size: int) -> None:
-    """The sniffer's resolution and the feature sizes the LLM and UNet MMFS layers expect from it."""
-    cfg.sniffer["image_size"] = image_size
+    """The image encoder's resolution and the feature sizes the LLM and UNet MMFS layers expect from it."""
+    cfg.image_encoder["image_size"] = image_size
     sides = [image_size // s for s in (4, 8, 16, 32)]
     cfg.mmfs["spatial_shapes"] = sides[1:]
     if cfg.diffusion is not None:

@@ -1,7 +1,7 @@
 """`DeemModel`: the whole DEEM model (spec/model.md §1): visual tokenizer with the diffusion-feedback
-("sniffer") loss, LLaMA with MMFS cross-attention, text head, and the interleaved image decoder.
+loss, LLaMA with MMFS cross-attention, text head, and the interleaved image decoder.
 
-The forward returns the text, image-generation and sniffer losses and their weighted total. The
+The forward returns the text, image-generation and feedback losses and their weighted total. The
 model follows the transformers conventions (`DeemConfig`, `save_pretrained` / `from_pretrained` with
 safetensors); `from_components` builds it from the real component checkpoints (HF LLaMA/Vicuna
 directory, diffusers SD 2.1 directory, open_clip ConvNeXt file) and `load_original_checkpoint` reads an
@@ -48,7 +48,7 @@ class DeemOutput(ModelOutput):
     loss: torch.Tensor
     loss_txt: torch.Tensor | None = None
     loss_img: torch.Tensor | None = None
-    loss_sniffer: torch.Tensor | None = None
+    loss_feedback: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 
@@ -92,7 +92,8 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         self.diffusion = DiffusionFeedback(diffusion_cfg) if diffusion_cfg is not None else None
         context_dim = self.diffusion.unet.config.cross_attention_dim if self.diffusion is not None else None
         self.visual_tokenizer = VisualTokenizer(
-            config.sniffer_config, config.sniffer_resampler_config, hidden, context_dim, config.mask_pooling
+            config.image_encoder_config, config.visual_tokenizer_resampler_config, hidden, context_dim,
+            config.mask_pooling,
         )
         decoder_cfg = config.image_decoder_resampler_config
         self.image_decoder = ImageDecoder(decoder_cfg) if config.has_image_decoder else None
@@ -136,11 +137,11 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         # the demo's, pre-fits them with freeze_text_head=False)
         self.text_head.head.requires_grad_(not cfg.freeze_text_head)
         self.text_head.head_new.requires_grad_(True)
-        self.visual_tokenizer.set_trainable(freeze_trunk=cfg.freeze_vfm)
-        if self.visual_tokenizer.proj_i is not None and cfg.loss_sniffer_weight == 0:
-            self.visual_tokenizer.proj_i.requires_grad_(False)  # only the sniffer loss uses it
+        self.visual_tokenizer.set_trainable(freeze_trunk=cfg.freeze_image_encoder)
+        if self.visual_tokenizer.proj_i is not None and cfg.loss_feedback_weight == 0:
+            self.visual_tokenizer.proj_i.requires_grad_(False)  # only the feedback loss uses it
         if self.diffusion is not None:
-            self.diffusion.set_trainable(freeze_unet=cfg.freeze_dm)
+            self.diffusion.set_trainable(freeze_unet=cfg.freeze_unet)
         for module in (self.image_decoder, self.context_feat_proj):
             if module is not None:
                 module.requires_grad_(True)
@@ -163,7 +164,7 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         levels = [m for m in multiscale if m.shape[-1] in sides]
         if len(levels) != len(sides):
             raise ValueError(
-                f"the sniffer's maps have sides {[m.shape[-1] for m in multiscale]}; the LLM MMFS layers "
+                f"the image encoder's maps have sides {[m.shape[-1] for m in multiscale]}; the LLM MMFS layers "
                 f"expect {sorted(sides, reverse=True)} (config.mmfs.spatial_shapes; check the image size)"
             )
         features = pack_image_features(levels, num_image_per_seq)
@@ -177,7 +178,7 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         image_tensors_dec,
         image_tensors_mask,
         num_image_per_seq,
-        sniffer_loss: bool,
+        feedback_loss: bool,
         generator=None,
         visual: VisualTokens | None = None,
     ):
@@ -189,7 +190,7 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         if num_image_per_seq is None:
             raise ValueError("num_image_per_seq is required with images")
         vis = visual or self.visual_tokenizer(
-            image_tensors, image_tensors_dec, image_tensors_mask, self.diffusion, sniffer_loss, generator
+            image_tensors, image_tensors_dec, image_tensors_mask, self.diffusion, feedback_loss, generator
         )
         embeds = scatter_image_embeddings(embeds, text_ids, vis.embeds, self.special["image"])
         embeds = add_soi_embedding(embeds, text_ids, self.soi_token, self.special["soi"])
@@ -229,9 +230,9 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         cfg = self.config
         w_txt = cfg.loss_txt_weight if loss_txt_weight is None else float(loss_txt_weight)
         w_img = cfg.loss_img_weight if loss_img_weight is None else float(loss_img_weight)
-        want_sniffer = self.training and self.diffusion is not None and cfg.loss_sniffer_weight > 0
+        want_feedback = self.training and self.diffusion is not None and cfg.loss_feedback_weight > 0
         embeds, vis, context = self._embed(
-            text_ids, image_tensors, image_tensors_dec, image_tensors_mask, num_image_per_seq, want_sniffer, generator
+            text_ids, image_tensors, image_tensors_dec, image_tensors_mask, num_image_per_seq, want_feedback, generator
         )
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, vision_context=context).last_hidden_state
         logits = self.text_head(hidden)
@@ -244,16 +245,16 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
             total = total + w_txt * loss_txt
         elif w_txt != 0 and self.training:
             raise ValueError("the text loss needs gt_text_ids (the collators' labels, deem.data.labels.build_labels)")
-        loss_sniffer = vis.loss_sniffer if vis is not None else None
-        if loss_sniffer is not None:
-            total = total + cfg.loss_sniffer_weight * loss_sniffer
+        loss_feedback = vis.loss_feedback if vis is not None else None
+        if loss_feedback is not None:
+            total = total + cfg.loss_feedback_weight * loss_feedback
         loss_img = None
         if self.image_decoder is not None and w_img != 0 and vis is not None:
             loss_img = self._image_loss(
                 hidden, text_ids, vis.multiscale, image_tensors_dec, nearest_bos_idxs, image_loss_mask, generator
             )
             total = total + w_img * loss_img
-        return DeemOutput(total, loss_txt, loss_img, loss_sniffer, logits)
+        return DeemOutput(total, loss_txt, loss_img, loss_feedback, logits)
 
     def _image_loss(self, hidden, text_ids, multiscale, images_dec, nearest_bos_idxs, image_loss_mask, generator):
         if images_dec is None:
@@ -265,7 +266,7 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
             cond = torch.where(drop[:, None, None], self.image_decoder.neg_prompt_embeds.to(cond.dtype), cond)
         prev, prev_mask = previous_image_features(multiscale, text_ids, self.special["soi"], nearest_bos_idxs)
         per_pixel = self.diffusion.loss(
-            images_dec, cond, pack_mmfs_features(prev), prev_mask, mode="decoder", generator=generator
+            images_dec, cond, pack_mmfs_features(prev), prev_mask, mode="generation", generator=generator
         )
         sample_mask = (mask.sum(1) > 2).float()  # more context than <s><soi>
         if image_loss_mask is not None:
@@ -279,7 +280,7 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         config: DeemConfig,
         llm_path: str | Path | None = None,
         diffusion_path: str | Path | None = None,
-        sniffer_checkpoint: str | Path | None = None,
+        image_encoder_checkpoint: str | Path | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[DeemModel, list]:
         """Build the model from the real component checkpoints (offline, local paths): a HF LLaMA/Vicuna
@@ -303,8 +304,8 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         reports = []
         if llm_path is not None:
             reports.append(load_llama(model, llm_path, generator))
-        if sniffer_checkpoint is not None:
-            reports.append(model.visual_tokenizer.sniffer.load_open_clip(sniffer_checkpoint))
+        if image_encoder_checkpoint is not None:
+            reports.append(model.visual_tokenizer.image_encoder.load_open_clip(image_encoder_checkpoint))
         has_text_encoder = diffusion_path is not None and (Path(diffusion_path) / "text_encoder").is_dir()
         if has_text_encoder and model.image_decoder is not None:
             neg_param = model.image_decoder.neg_prompt_embeds

@@ -61,9 +61,9 @@ def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[st
         cfg.llm_gradient_checkpointing = train_cfg.run.gradient_checkpointing
     report: dict[str, Any] = {}
     if section.components:
-        unknown = set(section.components) - {"llm", "diffusion", "sniffer"}
+        unknown = set(section.components) - {"llm", "diffusion", "image_encoder"}
         if unknown:
-            raise ConfigError(f"model.components: unknown keys {sorted(unknown)} (llm, diffusion, sniffer)")
+            raise ConfigError(f"model.components: unknown keys {sorted(unknown)} (llm, diffusion, image_encoder)")
         for key, path in section.components.items():
             if not Path(path).exists():
                 raise ConfigError(f"model.components.{key}: {path} does not exist")
@@ -71,7 +71,7 @@ def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[st
             cfg,
             llm_path=section.components.get("llm"),
             diffusion_path=section.components.get("diffusion"),
-            sniffer_checkpoint=section.components.get("sniffer"),
+            image_encoder_checkpoint=section.components.get("image_encoder"),
         )
         report["components"] = [getattr(r, "summary", lambda r=r: str(r))() for r in reports]
     else:

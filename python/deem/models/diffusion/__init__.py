@@ -6,7 +6,7 @@ schedulers and pipelines:
 * `unet`: `run_unet`, the UNet's own sub-modules plus the MMFSNet residuals;
 * `feedback`: `DiffusionFeedback`, the frozen SD (UNet, VAE, DDPM scheduler) with the MMFSNet, and its
   per-pixel denoising error;
-* `losses`: the feedback (sniffer) loss and the image-generation loss over that error;
+* `losses`: the feedback loss and the image-generation loss over that error;
 * `sampling`: `sample_images`, classifier-free-guided DDPM sampling (a pipeline over the models);
 * `loading`: the diffusers directory and the negative-prompt embedding of the SD text encoder.
 """
@@ -16,11 +16,11 @@ from deem.models.diffusion.config import (
     SD21_BASE_UNET_CONFIG,
     SD21_BASE_VAE_CONFIG,
     DiffusionConfig,
-    sniffer_feature_shapes,
+    image_encoder_feature_shapes,
 )
 from deem.models.diffusion.feedback import DiffusionFeedback
 from deem.models.diffusion.loading import negative_prompt_embedding
-from deem.models.diffusion.losses import generation_loss, latent_region_mask, remap_encoder_timesteps, sniffer_loss
+from deem.models.diffusion.losses import feedback_loss, generation_loss, latent_region_mask, remap_feedback_timesteps
 from deem.models.diffusion.mmfs_net import MMFSBlock, MMFSFeatures, MMFSNet, mmfs_block_layout, pack_mmfs_features
 from deem.models.diffusion.sampling import sample_images
 from deem.models.diffusion.unet import run_unet
@@ -34,14 +34,14 @@ __all__ = [
     "MMFSBlock",
     "MMFSFeatures",
     "MMFSNet",
+    "feedback_loss",
     "generation_loss",
+    "image_encoder_feature_shapes",
     "latent_region_mask",
     "mmfs_block_layout",
     "negative_prompt_embedding",
     "pack_mmfs_features",
-    "remap_encoder_timesteps",
+    "remap_feedback_timesteps",
     "run_unet",
     "sample_images",
-    "sniffer_feature_shapes",
-    "sniffer_loss",
 ]

@@ -58,16 +58,17 @@ SD21_BASE_SCHEDULER_CONFIG: dict[str, Any] = {
     "trained_betas": None,
 }
 
-SNIFFER_STRIDES = (4, 8, 16, 32)
+IMAGE_ENCODER_STRIDES = (4, 8, 16, 32)
 
 
-def sniffer_feature_shapes(sniffer_image_size: int, strides: Sequence[int] = SNIFFER_STRIDES) -> tuple[int, ...]:
-    """Side lengths of the sniffer's multi-scale maps (ConvNeXt strides 4/8/16/32): 256 px ->
+def image_encoder_feature_shapes(encoder_image_size: int,
+                                 strides: Sequence[int] = IMAGE_ENCODER_STRIDES) -> tuple[int, ...]:
+    """Side lengths of the image encoder's multi-scale maps (ConvNeXt strides 4/8/16/32): 256 px ->
     (64, 32, 16, 8), 448 px -> (112, 56, 28, 14)."""
     for s in strides:
-        if sniffer_image_size % s:
-            raise ValueError(f"sniffer_image_size {sniffer_image_size} is not divisible by the stride {s}")
-    return tuple(sniffer_image_size // s for s in strides)
+        if encoder_image_size % s:
+            raise ValueError(f"encoder_image_size {encoder_image_size} is not divisible by the stride {s}")
+    return tuple(encoder_image_size // s for s in strides)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class DiffusionConfig:
     vae_batch_size: int = 32  # VAE encode/decode mini-batch
     generation_batch_size: int = 32
     # MMFSNet
-    mmfs_feature_dim: int = 1024  # channels of the sniffer feature maps (feat_dim / d_value)
+    mmfs_feature_dim: int = 1024  # channels of the image encoder feature maps (feat_dim / d_value)
     mmfs_attn_dim: int = 1024  # MMFS d_model (value width = attn_dim * deform_ratio)
     mmfs_heads: int = 16
     mmfs_points: int = 8
@@ -100,7 +101,7 @@ class DiffusionConfig:
     mmfs_deform_ratio: float = 1.0
     mmfs_offset_init_magnitude: float = 1.0
     mmfs_max_num_image_per_seq: int = 10
-    mmfs_spatial_shapes: tuple[int, ...] = field(default_factory=lambda: sniffer_feature_shapes(256))
+    mmfs_spatial_shapes: tuple[int, ...] = field(default_factory=lambda: image_encoder_feature_shapes(256))
     mmfs_gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
@@ -116,11 +117,11 @@ class DiffusionConfig:
                              f"mmfs_levels={self.mmfs_levels} entries")
 
     @classmethod
-    def sd21_base(cls, path: str | Path | None = None, *, sniffer_image_size: int = 256,
+    def sd21_base(cls, path: str | Path | None = None, *, encoder_image_size: int = 256,
                   **overrides: Any) -> DiffusionConfig:
         """Stable Diffusion 2.1-base at 512 px with the DEEM MMFSNet. `path`: a local diffusers
         directory (weights loaded offline); None: the published configs, randomly initialised."""
-        kw: dict[str, Any] = dict(image_size=512, mmfs_spatial_shapes=sniffer_feature_shapes(sniffer_image_size))
+        kw: dict[str, Any] = dict(image_size=512, mmfs_spatial_shapes=image_encoder_feature_shapes(encoder_image_size))
         if path is None:
             kw.update(unet_config=dict(SD21_BASE_UNET_CONFIG), vae_config=dict(SD21_BASE_VAE_CONFIG),
                       scheduler_config=dict(SD21_BASE_SCHEDULER_CONFIG))
@@ -132,7 +133,7 @@ class DiffusionConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> DiffusionConfig:
         """A CPU-sized model with the same structure: 32 px images, a 2-block VAE (16x16 latents),
-        a 2-block UNet, 32-channel sniffer features of sides (8, 4, 2, 1)."""
+        a 2-block UNet, 32-channel image-encoder features of sides (8, 4, 2, 1)."""
         kw: dict[str, Any] = dict(
             unet_config=dict(
                 sample_size=16, in_channels=4, out_channels=4, block_out_channels=[8, 16], layers_per_block=1,
@@ -144,7 +145,7 @@ class DiffusionConfig:
                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                 norm_num_groups=4, sample_size=32),
             scheduler_config=dict(SD21_BASE_SCHEDULER_CONFIG),
-            image_size=32, mmfs_feature_dim=32, mmfs_attn_dim=32, mmfs_spatial_shapes=sniffer_feature_shapes(32),
+            image_size=32, mmfs_feature_dim=32, mmfs_attn_dim=32, mmfs_spatial_shapes=image_encoder_feature_shapes(32),
             vae_batch_size=2, generation_batch_size=4)
         kw.update(overrides)
         return cls(**kw)

@@ -14,7 +14,7 @@ from torch import nn
 
 from deem.models.diffusion.config import DiffusionConfig
 from deem.models.diffusion.loading import load_components
-from deem.models.diffusion.losses import remap_encoder_timesteps
+from deem.models.diffusion.losses import remap_feedback_timesteps
 from deem.models.diffusion.mmfs_net import MMFSFeatures, MMFSNet, pack_mmfs_features
 from deem.models.diffusion.unet import check_unet_supported, run_unet
 
@@ -78,7 +78,7 @@ class DiffusionFeedback(nn.Module):
 
     # ---------------------------------------------------------------- freezing / dtype
     def set_trainable(self, freeze_unet: bool = True) -> None:
-        """VAE frozen; UNet frozen iff `freeze_unet` (the model's flag: `DeemConfig.freeze_dm`); MMFSNet
+        """VAE frozen; UNet frozen iff `freeze_unet` (the model's flag: `DeemConfig.freeze_unet`); MMFSNet
         trainable (except its frozen sin-cos tables and ignore tokens)."""
         self.vae.requires_grad_(False)
         self.unet.requires_grad_(not freeze_unet)
@@ -133,7 +133,7 @@ class DiffusionFeedback(nn.Module):
         cond: torch.Tensor,
         mmfs_features: Sequence[torch.Tensor] | MMFSFeatures | None = None,
         mmfs_mask: torch.Tensor | None = None,
-        mode: str = "encoder",
+        mode: str = "feedback",
         timesteps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
@@ -144,12 +144,12 @@ class DiffusionFeedback(nn.Module):
             cond: [B, L, cross_attention_dim] UNet cross-attention conditioning.
             mmfs_features, mmfs_mask: MMFSNet context ([B, n_img, C, H_l, W_l] per level or packed,
                 and [B, n_img]); features None: no MMFS residuals.
-            mode: "encoder" (sniffer loss: t remapped into [200, 799]) or "decoder" (image generation).
+            mode: "feedback" (the feedback loss: t remapped into [200, 799]) or "generation" (image generation).
             timesteps: [B] int; None: uniform in [0, num_train_timesteps).
             generator: draws, in order, the VAE posterior samples, the noise and the timesteps.
         """
-        if mode not in ("encoder", "decoder"):
-            raise ValueError(f"mode must be 'encoder' or 'decoder', got {mode!r}")
+        if mode not in ("feedback", "generation"):
+            raise ValueError(f"mode must be 'feedback' or 'generation', got {mode!r}")
         B = images.shape[0]
         ctx = self.unet.config.cross_attention_dim
         if cond.dim() != 3 or cond.shape[0] != B or cond.shape[2] != ctx:
@@ -168,7 +168,7 @@ class DiffusionFeedback(nn.Module):
             if timesteps.min() < 0 or timesteps.max() >= self.num_train_timesteps:
                 raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps})")
         timesteps = timesteps.to(device)
-        timesteps = remap_encoder_timesteps(timesteps) if mode == "encoder" else timesteps.long()
+        timesteps = remap_feedback_timesteps(timesteps) if mode == "feedback" else timesteps.long()
         noisy = self.scheduler.add_noise(latents, noise, timesteps)  # z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
 
         prediction_type = self.scheduler.config.prediction_type

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 
-def remap_encoder_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
-    """The "encoder"-mode remap t -> round(0.6 (t - 500) + 500), round half to even, as int64:
+def remap_feedback_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
+    """The feedback-mode remap t -> round(0.6 (t - 500) + 500), round half to even, as int64:
     [0, 999] -> [200, 799]. Integer inputs are mapped exactly (500 + 3(t-500)/5 is never a tie for
     integer t); floating inputs are rounded half-to-even."""
     if timesteps.is_floating_point():
@@ -27,8 +27,8 @@ def latent_region_mask(region_mask: torch.Tensor, size: tuple[int, int]) -> torc
     return (resized > 0).float()
 
 
-def sniffer_loss(per_pixel_mse: torch.Tensor, region_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The DEEM (sniffer) loss of spec §8.5: mean over (b, c, y, x) of ℓ · M_b · h·w / (Σ M_b + 1e-8),
+def feedback_loss(per_pixel_mse: torch.Tensor, region_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The DEEM feedback loss of spec §8.5: mean over (b, c, y, x) of ℓ · M_b · h·w / (Σ M_b + 1e-8),
     i.e. the mean of per-image masked means. `per_pixel_mse` [B, C, h, w]; `region_mask` [B, 1, H, W]
     in image space (None: the whole image, a plain mean)."""
     if per_pixel_mse.dim() != 4:

@@ -80,7 +80,7 @@ def mmfs_block_layout(block_out_channels: Sequence[int], layers_per_block: int |
 
 class MMFSBlock(nn.Module):
     """One UNet-side MMFS: queries are the (LayerNorm'ed, position-coded) pixels of a skip tensor,
-    values the LayerNorm'ed sniffer features; output through a zero-initialised 1x1 conv.
+    values the LayerNorm'ed image-encoder features; output through a zero-initialised 1x1 conv.
     `forward` returns the residual, not the sum."""
 
     def __init__(
@@ -226,7 +226,7 @@ class MMFSNet(nn.Module):
             raise ValueError(
                 f"MMFSNet: feature levels are {list(feats.spatial_shapes)} but the MMFS offsets were built for "
                 f"square maps of sides {self.spatial_shapes}; set DiffusionConfig.mmfs_spatial_shapes to the "
-                f"sniffer's actual feature sizes")
+                f"image encoder's actual feature sizes")
         if mask is None:
             return torch.ones(B, n_img, dtype=torch.long, device=feats.flat.device)
         if tuple(mask.shape) != (B, n_img):
