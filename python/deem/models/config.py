@@ -212,24 +212,21 @@ def check_token_layout(cfg: DeemConfig, tokens: TokenLayout, what: str = "the mo
         )
 
 
+def _llama(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, max_positions: int,
+           **extra: Any) -> LlamaConfig:
+    """A LLaMA config with multi-head attention (as many key/value heads as heads) and RMSNorm eps 1e-5."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       rms_norm_eps=1e-5, max_position_embeddings=max_positions, **extra)
+
+
 @register_preset
 def deem_7b(tokens: TokenLayout | None = None, image_size: int | None = None,
             diffusion_path: str | None = None) -> DeemConfig:
     """The original DEEM 7B: Vicuna-7B, ConvNeXt-B image encoder at 256 px (`image_size`: 448 for the SFT stages),
     SD-2.1-base (spec/model.md §0). Its token layout is Vicuna's: `tokens` must match it."""
-    llm = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    llm = _llama(vocab_size=32000, hidden=4096, intermediate=11008, layers=32, heads=32, max_positions=4096,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
     diffusion = DiffusionConfig.sd21_base(diffusion_path)
     cfg = DeemConfig(
         llm=llm,
@@ -258,16 +255,7 @@ def tiny(tokens: TokenLayout | None = None, image_size: int | None = None) -> De
     image_size = image_size or 32
     vocab_size = tokens.vocab_size if tokens is not None else 518
     num_img_token = tokens.num_img_token if tokens is not None else 4
-    llm = LlamaConfig(
-        vocab_size=vocab_size - 6,
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=512,
-    )
+    llm = _llama(vocab_size=vocab_size - 6, hidden=96, intermediate=192, layers=4, heads=4, max_positions=512)
     sides = tuple(image_size // s for s in (4, 8, 16, 32))
     image_encoder = ImageEncoderConfig.tiny(image_size=image_size, drop_path_rate=0.0)
     mmfs = MMFSSettings(

@@ -22,22 +22,12 @@ from pathlib import Path
 
 import torch
 
-from deem.models.weights import (
-    INDEX_FILES,
-    WEIGHT_FILES,
-    CheckpointError,
-    LoadReport,
-    Remapped,
-    load_weights,
-    matches,
-    read_state_dict,
-)
+from deem.models.weights import CheckpointError, LoadReport, Remapped, load_weights, matches, read_state_dict
 
-__all__ = [
-    "INDEX_FILES", "MM_INTERLEAVED_KEY_MAP", "ORIGINAL_KEY_MAP", "WEIGHT_FILES", "CheckpointError", "LoadReport",
-    "OriginalLayout", "Remapped", "detect_original_layout", "hf_llama_filter", "load_llama",
-    "load_original_checkpoint", "load_weights", "original_checkpoint_filter", "read_state_dict",
-]
+# CheckpointError, LoadReport and read_state_dict are re-exported: their home is deem.models.weights
+__all__ = ["MM_INTERLEAVED_KEY_MAP", "ORIGINAL_KEY_MAP", "CheckpointError", "LoadReport", "OriginalLayout",
+           "detect_original_layout", "hf_llama_filter", "load_llama", "load_original_checkpoint",
+           "original_checkpoint_filter", "read_state_dict"]
 
 
 def _check_rope(model, key: str, value: torch.Tensor, source: str) -> None:

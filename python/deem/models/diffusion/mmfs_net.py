@@ -163,16 +163,11 @@ class MMFSNet(nn.Module):
         layers_per_block: int | Sequence[int],
         latent_size: int,
         feat_dim: int = 1024,
-        attn_dim: int = 1024,
-        num_heads: int = 16,
-        n_points: int = 8,
-        n_levels: int = 4,
-        deform_ratio: float = 1.0,
-        offset_init_magnitude: float = 1.0,
-        max_num_image_per_seq: int = 10,
         spatial_shapes: Sequence[int] = (64, 32, 16, 8),
-        gradient_checkpointing: bool = False,
+        **block_options: Any,
     ) -> None:
+        """`block_options`: the other `MMFSBlock` arguments, the same for every block (attn_dim, num_heads,
+        n_points, n_levels, deform_ratio, offset_init_magnitude, max_num_image_per_seq, gradient_checkpointing)."""
         super().__init__()
         self.feat_dim = feat_dim
         self.spatial_shapes = tuple(int(s) for s in spatial_shapes)
@@ -180,12 +175,8 @@ class MMFSNet(nn.Module):
         self.layout = [*skips, (mid_ch, mid_side)]
 
         def block(ch: int, side: int) -> MMFSBlock:
-            return MMFSBlock(
-                query_dim=ch, feat_dim=feat_dim, attn_dim=attn_dim, num_heads=num_heads, n_points=n_points,
-                n_levels=n_levels, deform_ratio=deform_ratio, grid_size=latent_size,
-                offset_init_magnitude=offset_init_magnitude, max_num_image_per_seq=max_num_image_per_seq,
-                spatial_shapes=self.spatial_shapes, base_spatial_shape=side,
-                gradient_checkpointing=gradient_checkpointing)
+            return MMFSBlock(query_dim=ch, feat_dim=feat_dim, grid_size=latent_size, spatial_shapes=self.spatial_shapes,
+                             base_spatial_shape=side, **block_options)
 
         self.mmfs_down_blocks = nn.ModuleList([block(ch, side) for ch, side in skips])
         self.mmfs_mid_block = block(mid_ch, mid_side)
