@@ -57,7 +57,7 @@ def make_inputs(model, batch: int, prompt_tokens: int, device, seed: int = 0):
     cfg = model.config
     sp = cfg.special_tokens
     g = torch.Generator().manual_seed(seed)
-    size = cfg.sniffer["image_size"]
+    size = cfg.image_encoder["image_size"]
     prompts = []
     for _ in range(batch):
         text = torch.randint(100, cfg.base_vocab_size - 1, (prompt_tokens,), generator=g).tolist()

@@ -35,7 +35,7 @@ def make_batch(cfg, B: int, L: int, n_img: int, device: str, generator: torch.Ge
     labels = ids.clone()
     labels[(ids == sp["image"]) | (ids == sp["bos"])] = -100
     n_images = B * n_img
-    size, dec = cfg.sniffer["image_size"], cfg.diffusion["image_size"]
+    size, dec = cfg.image_encoder["image_size"], cfg.diffusion["image_size"]
     return dict(
         text_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), gt_text_ids=labels.to(device),
         image_tensors=torch.rand(n_images, 3, size, size, generator=generator).to(device),
@@ -66,7 +66,7 @@ class Timer:
 
 def instrument(model: DeemModel, timer: Timer) -> None:
     """Time the forward of each component with hooks (the backward is timed as a whole)."""
-    parts = {"visual_tokenizer (incl. sniffer loss)": model.visual_tokenizer, "llm": model.llm,
+    parts = {"visual_tokenizer (incl. feedback loss)": model.visual_tokenizer, "llm": model.llm,
              "text_head": model.text_head, "image_decoder": model.image_decoder}
     for name, module in parts.items():
         state = {}
@@ -122,7 +122,7 @@ def run(B: int, L: int, n_img: int, steps: int) -> dict:
         images_per_s=B * n_img / step_ms * 1e3, tokens_per_s=B * L / step_ms * 1e3,
         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, breakdown_ms=parts,
         losses={"txt": float(out.loss_txt.detach()), "img": float(out.loss_img.detach()),
-                "sniffer": float(out.loss_sniffer.detach())},
+                "feedback": float(out.loss_feedback.detach())},
         trainable_params=sum(p.numel() for p in params),
     )
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "log.progress=false",
         "log.tensorboard=false",
         f"checkpoint.every={args.steps}",
-        "model.overrides.loss_sniffer_weight=0.0",
+        "model.overrides.loss_feedback_weight=0.0",
     ]
     per_rank = args.batch // args.gpus
     runs = {

@@ -31,8 +31,8 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
         assert (out / "runs" / run / "log.jsonl").exists()
     stage1 = [json.loads(x) for x in (out / "runs/deem_stage1/log.jsonl").read_text().splitlines()]
     base1 = [json.loads(x) for x in (out / "runs/baseline_stage1/log.jsonl").read_text().splitlines()]
-    assert all(r.get("loss_sniffer") is not None for r in stage1)  # DEEM trains with the diffusion feedback
-    assert all(r.get("loss_sniffer") is None for r in base1)  # the baseline does not
+    assert all(r.get("loss_feedback") is not None for r in stage1)  # DEEM trains with the diffusion feedback
+    assert all(r.get("loss_feedback") is None for r in base1)  # the baseline does not
 
 
 def test_demo_without_java_fails_before_training(tmp_path, monkeypatch):

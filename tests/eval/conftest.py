@@ -186,11 +186,10 @@ def world(tmp_path_factory) -> Path:
 def checkpoint(world, tmp_path_factory) -> Path:
     """A tiny DEEM checkpoint whose vocabulary and special ids match the world's tokenizer."""
     from deem.models import DeemModel, tiny
+    from deem.tokens import TokenLayout
 
     tok = load_tokenizer({"type": "hf", "path": str(world / "tokenizer"), "num_img_token": NUM_IMG_TOKEN})
-    sp = tok.special.as_dict()
-    cfg = tiny(vocab_size=len(tok.hf), num_img_token=NUM_IMG_TOKEN,
-               special_tokens={k: sp[k] for k in ("soi", "image", "ref", "/ref", "box", "/box")}, image_size=32)
+    cfg = tiny(TokenLayout(tok.special, len(tok.hf), NUM_IMG_TOKEN), image_size=32)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt")
     DeemModel(cfg).save_pretrained(path)

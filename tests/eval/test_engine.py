@@ -209,7 +209,7 @@ def test_config_errors_name_the_problem(world, checkpoint, tmp_path):
     with pytest.raises(EvalError, match="gqa: collator mode 'generate_vqa'"):
         evaluate(wrong, checkpoint, tmp_path / "y")
     res = eval_config(world, ["gqa"], resolution=64)
-    with pytest.raises(EvalError, match="sniffer expects 32"):
+    with pytest.raises(EvalError, match="image encoder expects 32"):
         evaluate(res, checkpoint, tmp_path / "z")
     tok = eval_config(world, ["gqa"])
     tok["tokenizer"]["num_img_token"] = 5

@@ -43,13 +43,10 @@ def wake(model, seed: int = 0) -> None:
 
 def make_model(tokenizer=None, seed: int = 0, **llm):
     from deem.models import DeemModel, tiny
+    from deem.tokens import TokenLayout
 
-    if tokenizer is None:
-        cfg = tiny()
-    else:
-        sp = tokenizer.special.as_dict()
-        cfg = tiny(vocab_size=len(tokenizer.hf), num_img_token=NUM_IMG_TOKEN,
-                   special_tokens={k: sp[k] for k in ("soi", "image", "ref", "/ref", "box", "/box")})
+    tokens = None if tokenizer is None else TokenLayout(tokenizer.special, len(tokenizer.hf), NUM_IMG_TOKEN)
+    cfg = tiny(tokens)
     cfg.llm.update(llm)
     torch.manual_seed(seed)
     model = DeemModel(cfg).eval()

@@ -96,7 +96,7 @@ def test_greedy_parity_on_the_7b_shaped_random_model_fp32(cuda_device):
     model = _random_7b(cuda_device, layers)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
-    size = cfg.sniffer["image_size"]
+    size = cfg.image_encoder["image_size"]
     images = torch.rand(3, 3, size, size, generator=g).to(cuda_device)
     text = torch.randint(100, cfg.base_vocab_size - 1, (600,), generator=g).tolist()
     long_row = prompt(cfg, 1, text)

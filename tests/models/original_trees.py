@@ -131,7 +131,7 @@ def convnext_sniffer(t: Tree, cfg: DeemConfig, clip_embed_dim: int = 16) -> None
     adapters, an identity post_layernorm and open_clip's timm vision tower `visual` = {trunk: timm ConvNeXt after
     reset_classifier(0) (stem, stages with downsample and blocks, head.norm), head: the 'mlp' projection
     (fc1 with bias, fc2 without)}."""
-    sn = cfg.sniffer
+    sn = cfg.image_encoder
     dims, depths, out = sn["dims"], sn["depths"], sn["out_dim"]
     p = "visual_tokenizer.sniffer.vision_model."
     tr = p + "visual.trunk."
@@ -168,10 +168,10 @@ def tokenizer_head(t: Tree, cfg: DeemConfig, proj: dict[str, int]) -> None:
     clip_mean / clip_std buffers (persistent). DEEM's proj_i outputs `diffusion_hidden_size`, which
     MMInterleaved sets to image_embed_dim (1024, SD-2.1's cross-attention width); at the tiny sizes the
     cross-attention width."""
-    d, rs = cfg.sniffer["out_dim"], cfg.sniffer_resampler
+    d, rs = cfg.image_encoder["out_dim"], cfg.visual_tokenizer_resampler
     t.linear("visual_tokenizer.pos_proj.", d, d)
     t.layer_norm("visual_tokenizer.pos_ln.", d)
-    t.add("visual_tokenizer.pos_embed", 1 + cfg.sniffer["pos_grid"] ** 2, d)
+    t.add("visual_tokenizer.pos_embed", 1 + cfg.image_encoder["pos_grid"] ** 2, d)
     qformer(t, "visual_tokenizer.perceiver_resampler.", rs)
     t.layer_norm("visual_tokenizer.post_ln.", d)
     for name, width in proj.items():

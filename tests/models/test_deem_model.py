@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import deem.ops
+from deem.data.labels import build_labels
 from deem.models import STAGES, DeemModel, tiny, with_stage
 from deem.models.loading import ORIGINAL_KEY_MAP, CheckpointError, read_state_dict
+from deem.tokens import SpecialTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,10 +36,12 @@ def make_batch(cfg, seed=0):
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         att[i, : len(r)] = 1
-    size = cfg.sniffer["image_size"]
+    size = cfg.image_encoder["image_size"]
     images = torch.rand(3, 3, size, size, generator=g)
-    return dict(text_ids=ids, attention_mask=att, image_tensors=images, image_tensors_dec=images.clone(),
-                num_image_per_seq=torch.tensor([1, 2]), nearest_bos_idxs=torch.tensor([0, 0, 0]))
+    labels = build_labels(ids, att, att.bool(), SpecialTokens.from_dict(sp))  # every token of the sequences
+    return dict(text_ids=ids, attention_mask=att, gt_text_ids=labels, image_tensors=images,
+                image_tensors_dec=images.clone(), num_image_per_seq=torch.tensor([1, 2]),
+                nearest_bos_idxs=torch.tensor([0, 0, 0]))
 
 
 def make_model(stage="pretrain_deem", seed=0):
@@ -59,9 +63,9 @@ def test_three_losses_finite_forward_and_backward():
     model = make_model()
     model.train()
     out = model(**make_batch(model.config), generator=torch.Generator().manual_seed(0))
-    for loss in (out.loss, out.loss_txt, out.loss_img, out.loss_sniffer):
+    for loss in (out.loss, out.loss_txt, out.loss_img, out.loss_feedback):
         assert loss is not None and torch.isfinite(loss)
-    expected = out.loss_txt + 5.0 * out.loss_img + 5.0 * out.loss_sniffer
+    expected = out.loss_txt + 5.0 * out.loss_img + 5.0 * out.loss_feedback
     assert torch.allclose(out.loss, expected)
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -92,15 +96,15 @@ def test_gradients_reach_exactly_the_trained_parameters(stage):
     llm_body = any(n.startswith("llm.layers.1.self_attn") for n in trainable)
     assert llm_body == (not cfg.freeze_llm)
     assert "text_head.head.weight" not in trainable and "text_head.head_new.weight" in trainable
-    trunk = any(n.startswith("visual_tokenizer.sniffer.trunk.") for n in trainable)
-    assert trunk == (not cfg.freeze_vfm)
-    assert any(n.startswith("visual_tokenizer.sniffer.adapter_c3") for n in trainable)
+    trunk = any(n.startswith("visual_tokenizer.image_encoder.trunk.") for n in trainable)
+    assert trunk == (not cfg.freeze_image_encoder)
+    assert any(n.startswith("visual_tokenizer.image_encoder.adapter_c3") for n in trainable)
     if model.diffusion is not None:
         assert not any(n.startswith("diffusion.vae.") for n in trainable)
-        assert any(n.startswith("diffusion.unet.") for n in trainable) == (not cfg.freeze_dm)
+        assert any(n.startswith("diffusion.unet.") for n in trainable) == (not cfg.freeze_unet)
         assert "diffusion.mmfs_module" in prefixes
     if stage == "pretrain_baseline":
-        assert model(**batch).loss_sniffer is None  # the MM-Interleaved baseline has no sniffer loss
+        assert model(**batch).loss_feedback is None  # the MM-Interleaved baseline has no feedback loss
     if stage == "sft_referring":
         assert model.diffusion is None and any(n.startswith("visual_tokenizer.feature_extractor") for n in trainable)
 
@@ -129,10 +133,10 @@ def _original_format(model) -> dict[str, torch.Tensor]:
     inverse = [(new, old) for old, new in ORIGINAL_KEY_MAP if new is not None]
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith("visual_tokenizer.sniffer.pos_embed"):
+        if key.startswith("visual_tokenizer.image_encoder.pos_embed"):
             out["visual_tokenizer.pos_embed"] = value
             continue
-        if key.startswith("visual_tokenizer.sniffer.clip_"):
+        if key.startswith("visual_tokenizer.image_encoder.clip_"):
             continue  # constants, not in the original checkpoint
         for new, old in inverse:
             if key.startswith(new):
@@ -153,7 +157,7 @@ def test_original_checkpoint_key_map(tmp_path):
     target = make_model(seed=2)
     report = target.load_original_checkpoint(tmp_path / "pytorch_model.bin")
     assert not report.unexpected
-    assert all(k.startswith("visual_tokenizer.sniffer.clip_") for k in report.missing), report.missing
+    assert all(k.startswith("visual_tokenizer.image_encoder.clip_") for k in report.missing), report.missing
     assert "visual_tokenizer.sniffer.vision_model.visual.head.proj.weight" in report.ignored
     for k, v in source.state_dict().items():
         assert torch.equal(v, target.state_dict()[k]), k
@@ -187,13 +191,13 @@ def test_from_components_in_the_real_formats(tmp_path):
     sd.vae.save_pretrained(tmp_path / "sd" / "vae")
     sd.scheduler.save_pretrained(tmp_path / "sd" / "scheduler")
     # an open_clip ConvNeXt checkpoint: visual.trunk.* keys plus text-tower keys, as a .bin
-    sniffer_src = DeemModel(cfg).visual_tokenizer.sniffer
-    clip = {f"visual.trunk.{k}": v for k, v in sniffer_src.trunk.state_dict().items()}
+    encoder_src = DeemModel(cfg).visual_tokenizer.image_encoder
+    clip = {f"visual.trunk.{k}": v for k, v in encoder_src.trunk.state_dict().items()}
     clip["token_embedding.weight"] = torch.zeros(4, 4)
     torch.save(clip, tmp_path / "open_clip_pytorch_model.bin")
 
     model, reports = DeemModel.from_components(cfg, llm_path=tmp_path / "vicuna", diffusion_path=tmp_path / "sd",
-                                               sniffer_checkpoint=tmp_path / "open_clip_pytorch_model.bin",
+                                               image_encoder_checkpoint=tmp_path / "open_clip_pytorch_model.bin",
                                                generator=torch.Generator().manual_seed(0))
     llama_sd = llama.state_dict()
     ours = model.state_dict()
@@ -204,8 +208,8 @@ def test_from_components_in_the_real_formats(tmp_path):
     assert torch.equal(ours["text_head.head.weight"][: cfg.base_vocab_size], llama_sd["lm_head.weight"])
     assert (ours["text_head.head.bias"][cfg.base_vocab_size:] == -100).all()
     assert torch.equal(ours["diffusion.unet.conv_in.weight"], sd.unet.state_dict()["conv_in.weight"])
-    stem = "visual_tokenizer.sniffer.trunk.stem.0.weight"
-    assert torch.equal(ours[stem], sniffer_src.trunk.state_dict()["stem.0.weight"])
+    stem = "visual_tokenizer.image_encoder.trunk.stem.0.weight"
+    assert torch.equal(ours[stem], encoder_src.trunk.state_dict()["stem.0.weight"])
     assert all(r.loaded for r in reports)
     # the saved model no longer refers to the SD directory
     model.save_pretrained(tmp_path / "deem")
@@ -320,3 +324,43 @@ def test_generate_scores_match_a_plain_forward_and_do_not_depend_on_chunking():
         logp = out.logits.log_softmax(-1)
     expected = logp[0, len(ctx) - 1, 6] + logp[0, len(ctx), 7]
     assert torch.allclose(one[0, 1], expected, atol=1e-5)
+
+
+def test_test_time_adaptation_masks_the_patches_as_training_does():
+    """With region masks, adaptation scores the same visual tokens as the training path: the patch tokens
+    outside the region are masked before the Q-Former in both (adaptation once skipped that)."""
+    model = make_model()
+    model.train()
+    batch = make_batch(model.config)
+    images, images_dec = batch["image_tensors"][:1], batch["image_tensors_dec"][:1]
+    masks = torch.zeros(1, 1, *images.shape[-2:])
+    masks[..., : images.shape[-2] // 2, :] = 1.0  # the upper half
+    seen = []
+    hook = model.visual_tokenizer.perceiver_resampler.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].detach().clone()))
+    with model.test_time_adaptation(images, images_dec, masks, steps=1, samples=1,
+                                    generator=torch.Generator().manual_seed(0)):
+        pass  # the first (and only) loss is computed before the optimizer step: with the original weights
+    model.visual_tokenizer(images, masks=masks)
+    hook.remove()
+    adapted, trained = seen
+    assert torch.equal(adapted, trained)
+    seen.clear()
+    hook = model.visual_tokenizer.perceiver_resampler.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].detach().clone()))
+    model.visual_tokenizer(images)  # the mask matters: without it the tokens differ
+    hook.remove()
+    assert not torch.equal(seen[0], trained)
+
+
+def test_training_forward_needs_the_collators_labels():
+    model = make_model()
+    model.train()
+    batch = make_batch(model.config)
+    del batch["gt_text_ids"]
+    with pytest.raises(ValueError, match="gt_text_ids"):
+        model(**batch)
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)  # inference: logits, no text loss
+    assert out.loss_txt is None and out.logits is not None

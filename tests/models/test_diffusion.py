@@ -16,16 +16,17 @@ from deem.models.diffusion import (
     DiffusionFeedback,
     MMFSFeatures,
     MMFSNet,
-    image_generation_loss,
+    feedback_loss,
+    generation_loss,
     mmfs_block_layout,
     negative_prompt_embedding,
     pack_mmfs_features,
-    remap_encoder_timesteps,
+    remap_feedback_timesteps,
     run_unet,
-    sniffer_loss,
+    sample_images,
 )
 
-FEAT_SIDES = (8, 4, 2, 1)  # DiffusionConfig.tiny(): a 32 px sniffer
+FEAT_SIDES = (8, 4, 2, 1)  # DiffusionConfig.tiny(): a 32 px image encoder
 
 
 def tiny_unet(**kw) -> UNet2DConditionModel:
@@ -169,11 +170,11 @@ def test_sd21_mmfsnet_layout_and_parameter_counts():
     assert count(net) == 56_976_320 + 44_564_480 + 13 * 1024
     assert count(m.unet) == 865_910_724 and count(m.vae) == 83_653_863  # published SD-2.1 counts
     assert count(m.unet, lambda n, p: p.requires_grad) == 0 and count(m.vae, lambda n, p: p.requires_grad) == 0
-    # 448 px sniffer: offsets scaled for the actual 112/56/28/14 maps (spec §14 bug 7)
+    # 448 px image encoder: offsets scaled for the actual 112/56/28/14 maps (spec §14 bug 7)
     with torch.device("meta"):
         net448 = MMFSNet.for_unet(SD21_BASE_UNET_CONFIG, 64, spatial_shapes=(112, 56, 28, 14))
     assert net448.blocks()[3].mmfs.scale_ratios == (112 / 32, 56 / 32, 28 / 32, 14 / 32)
-    assert DiffusionConfig.sd21_base(sniffer_image_size=448).mmfs_spatial_shapes == (112, 56, 28, 14)
+    assert DiffusionConfig.sd21_base(encoder_image_size=448).mmfs_spatial_shapes == (112, 56, 28, 14)
 
 
 def test_block_layout_follows_the_unet():
@@ -281,14 +282,14 @@ def test_mmfsnet_input_errors():
 
 def test_encoder_timestep_remap():
     t = torch.arange(1000)
-    got = remap_encoder_timesteps(t)
+    got = remap_feedback_timesteps(t)
     # exact rational rounding (no ties exist for integer t) ...
     exact = torch.tensor([round(Fraction(3 * (i - 500), 5) + 500) for i in range(1000)])
     assert torch.equal(got, exact)
     # ... and the original's float32 arithmetic agrees for every integer timestep
     assert torch.equal(got, torch.round((t - 500) * 0.6 + 500).long())
     assert got.min() == 200 and got.max() == 799 and got.dtype == torch.int64
-    assert remap_encoder_timesteps(torch.tensor([0, 1, 2, 3, 500, 998, 999])).tolist() == [
+    assert remap_feedback_timesteps(torch.tensor([0, 1, 2, 3, 500, 998, 999])).tolist() == [
         200,
         201,
         201,
@@ -298,11 +299,11 @@ def test_encoder_timestep_remap():
         799,
     ]
     # fractional timesteps hit exact .5 values: round half to even
-    half = remap_encoder_timesteps(torch.tensor([502.5, 507.5, 512.5, 497.5, 492.5]))
+    half = remap_feedback_timesteps(torch.tensor([502.5, 507.5, 512.5, 497.5, 492.5]))
     assert half.tolist() == [502, 504, 508, 498, 496]  # 501.5, 504.5, 507.5, 498.5, 495.5
 
 
-def test_sniffer_loss_hand_example():
+def test_feedback_loss_hand_example():
     B, C = 2, 3
     loss = torch.full((B, C, 4, 4), 100.0)  # outside the region: must not count
     loss[0, :, :2, :2] = 1.0
@@ -311,27 +312,29 @@ def test_sniffer_loss_hand_example():
     mask[0, :, :4, :4] = 1  # -> latent top-left 2x2 quadrant
     mask[1, :, 0, 0] = 1  # one pixel: bilinear 0.25 > 0 -> latent cell (0, 0)
     # per image: masked mean (1, 2); mean over images 1.5
-    assert sniffer_loss(loss, mask).item() == pytest.approx(1.5, rel=1e-6)
+    assert feedback_loss(loss, mask).item() == pytest.approx(1.5, rel=1e-6)
     # the formula of the original, written out: mean(ℓ · M · 16 / ΣM)
     M = torch.zeros(B, 1, 4, 4)
     M[0, :, :2, :2] = 1
     M[1, :, 0, 0] = 1
     expected = (loss * M * (16 / M.sum((1, 2, 3))).view(B, 1, 1, 1)).mean()
-    torch.testing.assert_close(sniffer_loss(loss, mask), expected)
+    torch.testing.assert_close(feedback_loss(loss, mask), expected)
     # full mask: the plain mean; empty mask: that image contributes 0, no NaN
-    assert sniffer_loss(loss, torch.ones(B, 1, 8, 8)).item() == pytest.approx(loss.mean().item(), rel=1e-6)
-    assert sniffer_loss(loss).item() == pytest.approx(loss.mean().item())
+    assert feedback_loss(loss, torch.ones(B, 1, 8, 8)).item() == pytest.approx(loss.mean().item(), rel=1e-6)
+    assert feedback_loss(loss).item() == pytest.approx(loss.mean().item())
     empty = mask.clone()
     empty[1] = 0
-    assert sniffer_loss(loss, empty).item() == pytest.approx(0.5, rel=1e-6)
+    assert feedback_loss(loss, empty).item() == pytest.approx(0.5, rel=1e-6)
 
 
-def test_image_generation_loss_is_not_renormalised():
-    loss = torch.ones(4, 2, 3, 3)
-    assert image_generation_loss(loss, torch.tensor([1.0, 0.0, 1.0, 0.0])).item() == pytest.approx(0.5)
-    assert image_generation_loss(loss).item() == 1.0
+def test_generation_loss_averages_over_the_trained_images_only():
+    loss = torch.ones(4, 2, 3, 3) * torch.tensor([1.0, 5.0, 3.0, 7.0]).view(4, 1, 1, 1)
+    # masked-out images do not dilute the mean (the original's mean over all images would give 1.0)
+    assert generation_loss(loss, torch.tensor([1.0, 0.0, 1.0, 0.0])).item() == pytest.approx(2.0)
+    assert generation_loss(loss, torch.ones(4)).item() == pytest.approx(4.0)
+    assert generation_loss(loss, torch.zeros(4)).item() == 0.0
     with pytest.raises(ValueError, match="sample_mask"):
-        image_generation_loss(loss, torch.ones(3))
+        generation_loss(loss, torch.ones(3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,14 +352,14 @@ def test_loss_shapes_and_gradient_flow(model):
     loss = model.loss(images, cond, feats, torch.ones(B, 1), generator=torch.Generator().manual_seed(0))
     assert loss.shape == (B, 4, 16, 16) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
     assert torch.equal(images, before)  # normalised out of place (spec §14 bug 1)
-    sniffer_loss(loss).backward()
+    feedback_loss(loss).backward()
     assert cond.grad is not None and cond.grad.abs().max() > 0
     assert all(p.grad is None for p in model.unet.parameters())
     assert all(p.grad is None for p in model.vae.parameters())
     convs = [p for n, p in model.mmfs_module.named_parameters() if n.endswith("conv.weight")]
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in convs)
 
-    # once the convs are non-zero, the features (hence the sniffer) receive gradients too
+    # once the convs are non-zero, the features (hence the image encoder) receive gradients too
     perturb_convs(model.mmfs_module)
     model.zero_grad()
     feats = features(B, grad=True)
@@ -368,13 +371,14 @@ def test_loss_shapes_and_gradient_flow(model):
 
 
 def test_unet_trainable_flag():
-    m = DiffusionFeedback(DiffusionConfig.tiny(freeze_unet=False))
+    m = DiffusionFeedback(DiffusionConfig.tiny())
+    m.set_trainable(freeze_unet=False)
     assert all(p.requires_grad for p in m.unet.parameters())
     assert not any(p.requires_grad for p in m.vae.parameters())
     frozen = {n for n, p in m.mmfs_module.named_parameters() if not p.requires_grad}
     assert frozen and all(n.endswith(("pos_embed", "ignore_token")) for n in frozen)
     loss = m.loss(
-        torch.rand(1, 3, 32, 32), torch.randn(1, 7, 16), mode="decoder", generator=torch.Generator().manual_seed(0)
+        torch.rand(1, 3, 32, 32), torch.randn(1, 7, 16), mode="generation", generator=torch.Generator().manual_seed(0)
     )
     loss.mean().backward()
     assert m.unet.conv_out.weight.grad.abs().max() > 0
@@ -382,7 +386,7 @@ def test_unet_trainable_flag():
     assert not any(p.requires_grad for p in m.unet.parameters())
 
 
-@pytest.mark.parametrize("mode", ["encoder", "decoder"])
+@pytest.mark.parametrize("mode", ["feedback", "generation"])
 def test_loss_noising_timesteps_and_target(model, mode):
     """The UNet sees sqrt(ᾱ_t) z0 + sqrt(1-ᾱ_t) ε at the (remapped) t, and the loss is (ε̂ - ε)²."""
     model.eval()
@@ -398,7 +402,7 @@ def test_loss_noising_timesteps_and_target(model, mode):
     g = torch.Generator().manual_seed(5)
     z0 = model.encode_latents(images, g)
     noise = randn_tensor(z0.shape, generator=g, dtype=torch.float32)
-    t_used = torch.tensor([201, 799]) if mode == "encoder" else t
+    t_used = torch.tensor([201, 799]) if mode == "feedback" else t
     assert torch.equal(seen["t"], t_used)
     expected_x = DDPMScheduler.from_config(model.scheduler.config).add_noise(z0, noise, t_used)
     torch.testing.assert_close(seen["x"], expected_x)
@@ -416,7 +420,7 @@ def test_loss_deterministic_and_input_errors(model):
     with pytest.raises(ValueError, match="cond must be"):
         model.loss(images, torch.randn(2, 77, 8))
     with pytest.raises(ValueError, match="mode"):
-        model.loss(images, cond, mode="sniffer")
+        model.loss(images, cond, mode="encoder")
     with pytest.raises(ValueError, match="timesteps"):
         model.loss(images, cond, timesteps=torch.tensor([0, 1000]))
     with pytest.raises(ValueError, match="mmfs_features has batch 3"):
@@ -556,7 +560,8 @@ def test_generate_shapes_range_determinism_and_cfg(model):
     )
     steps = []
     t_handle = model.unet.time_proj.register_forward_pre_hook(lambda mod, args: steps.append(args[0][0].item()))
-    out = model.generate(cond, neg, feats, mask, guidance_scale=3.5, generator=torch.Generator().manual_seed(1), **kw)
+    out = sample_images(model, cond, neg, feats, mask, guidance_scale=3.5,
+                        generator=torch.Generator().manual_seed(1), **kw)
     handle.remove()
     t_handle.remove()
     assert out.shape == (B, 3, 32, 32) and out.dtype == torch.float32
@@ -567,21 +572,23 @@ def test_generate_shapes_range_determinism_and_cfg(model):
     flat, m = seen[0]
     assert flat.shape[0] == 2 * B and torch.equal(flat[:B], flat[B:]) and torch.equal(m[:B], m[B:])
 
-    again = model.generate(cond, neg, feats, mask, guidance_scale=3.5, generator=torch.Generator().manual_seed(1), **kw)
+    again = sample_images(model, cond, neg, feats, mask, guidance_scale=3.5,
+                        generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(out, again)
-    other_seed = model.generate(cond, neg, feats, mask, generator=torch.Generator().manual_seed(2), **kw)
+    other_seed = sample_images(model, cond, neg, feats, mask, generator=torch.Generator().manual_seed(2), **kw)
     assert (other_seed - out).abs().max() > 1e-3
 
     # guidance 1.0 reduces to the conditional prediction
-    cfg1 = model.generate(cond, neg, feats, mask, guidance_scale=1.0, generator=torch.Generator().manual_seed(1), **kw)
-    cond_only = model.generate(cond, None, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
+    cfg1 = sample_images(model, cond, neg, feats, mask, guidance_scale=1.0,
+                         generator=torch.Generator().manual_seed(1), **kw)
+    cond_only = sample_images(model, cond, None, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
     torch.testing.assert_close(cfg1, cond_only, rtol=0, atol=1e-4)
     assert (cfg1 - out).abs().max() > 1e-3  # and guidance 3.5 does use the negative branch
 
     # mini-batches of one: the first image starts from the same latents, the shapes hold
     model.config.generation_batch_size = 1
-    small = model.generate(cond, neg, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
+    small = sample_images(model, cond, neg, feats, mask, generator=torch.Generator().manual_seed(1), **kw)
     assert small.shape == out.shape and small.min() >= 0 and small.max() <= 1
 
     with pytest.raises(ValueError, match="negative_cond"):
-        model.generate(cond, torch.randn(3, 77, 16), **kw)
+        sample_images(model, cond, torch.randn(3, 77, 16), **kw)

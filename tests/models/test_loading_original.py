@@ -45,13 +45,13 @@ def assert_deem_body(model: DeemModel, ckpt: dict[str, torch.Tensor]) -> None:
     """The modules every DEEM stage has, each from its original module."""
     assert_holds(model.llm, sub(ckpt, "mm_decoder.", skip=ROPE))
     assert_holds(model.text_head, sub(ckpt, "text_decoder."))
-    sniffer, tok = model.visual_tokenizer.sniffer, model.visual_tokenizer
-    assert_holds(sniffer.trunk, sub(ckpt, "visual_tokenizer.sniffer.vision_model.visual.trunk."))
+    encoder, tok = model.visual_tokenizer.image_encoder, model.visual_tokenizer
+    assert_holds(encoder.trunk, sub(ckpt, "visual_tokenizer.sniffer.vision_model.visual.trunk."))
     for name in ("c2", "c3", "c4", "c5", "cls"):
         adapter = sub(ckpt, f"visual_tokenizer.sniffer.vision_model.adapter_{name}.")
-        assert_holds(getattr(sniffer, f"adapter_{name}"), adapter)
+        assert_holds(getattr(encoder, f"adapter_{name}"), adapter)
     for name in ("pos_embed", "clip_mean", "clip_std"):
-        assert torch.equal(getattr(sniffer, name), ckpt[f"visual_tokenizer.{name}"]), name
+        assert torch.equal(getattr(encoder, name), ckpt[f"visual_tokenizer.{name}"]), name
     for name in ("pos_proj", "pos_ln", "post_ln", "perceiver_resampler", "proj_t"):
         assert_holds(getattr(tok, name), sub(ckpt, f"visual_tokenizer.{name}."))
     assert torch.equal(model.soi_token, ckpt["soi_token"])
@@ -193,8 +193,8 @@ def test_mm_interleaved_checkpoint_with_its_encoder_dropped_lands_in_the_right_m
     assert_holds(model.llm.layers[0], layer0)
     assert set(report.ignored) == {k for k in ckpt if k.startswith(tuple(drop)) or k.endswith(ROPE)}
     # what MM-Interleaved has no counterpart for stays as it was, and is reported
-    prefixes = ("visual_tokenizer.sniffer.trunk.", "visual_tokenizer.sniffer.adapter_", "visual_tokenizer.proj_i.",
-                "text_head.", "llm.embed_tokens.")
+    prefixes = ("visual_tokenizer.image_encoder.trunk.", "visual_tokenizer.image_encoder.adapter_",
+                "visual_tokenizer.proj_i.", "text_head.", "llm.embed_tokens.")
     assert report.missing and all(k.startswith(prefixes) for k in report.missing)
 
 

@@ -10,9 +10,9 @@ from deem.models.multimodal import (
     pack_image_features,
     previous_image_features,
     scatter_image_embeddings,
-    sincos_1d,
     text_loss,
 )
+from deem.models.positions import sincos_pos_embed_1d
 
 BOS, SOI, IMG, PAD = 1, 9, 8, 0
 
@@ -80,7 +80,7 @@ def test_previous_image_features_only_within_the_document():
 
 
 def test_sincos_1d():
-    t = sincos_1d(4, 6)
+    t = sincos_pos_embed_1d(6, torch.arange(4))
     assert torch.allclose(t[2, 0], torch.tensor(2.0).sin()) and torch.allclose(t[2, 3], torch.tensor(2.0).cos())
     assert torch.allclose(t[3, 1], torch.tensor(3 * 10000 ** (-1 / 3)).sin())
 

@@ -83,7 +83,7 @@ def perturbed(config: QFormerConfig, seed: int = 0, dtype=torch.float64) -> Perc
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["tiny_sniffer", "tiny_image_decoder"])
+@pytest.mark.parametrize("preset", ["tiny_visual_tokenizer", "tiny_image_decoder"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_eager_formulation(preset, masked):
     cfg = getattr(QFormerConfig, preset)()
@@ -101,7 +101,7 @@ def test_matches_eager_formulation(preset, masked):
 
 
 def test_attention_module_matches_eager_with_qk_norm():
-    m = perturbed(QFormerConfig.tiny_sniffer())
+    m = perturbed(QFormerConfig.tiny_visual_tokenizer())
     att = m.blip2qformer.encoder.layer[0].crossattention.attention
     assert isinstance(att, QKNormQFormerAttention)
     torch.manual_seed(2)
@@ -155,7 +155,7 @@ def test_fully_masked_row_is_finite_like_the_original():
 
 
 def test_input_validation():
-    m = PerceiverResampler(QFormerConfig.tiny_sniffer())
+    m = PerceiverResampler(QFormerConfig.tiny_visual_tokenizer())
     with pytest.raises(ValueError, match=r"encoder_hidden_states must be \[B, L, 24\]"):
         m(torch.randn(2, 5, 23))
     with pytest.raises(ValueError, match=r"encoder_hidden_states must be \[B, L, 24\]"):
@@ -165,7 +165,7 @@ def test_input_validation():
 
 
 def test_batch_rows_are_independent():
-    cfg = QFormerConfig.tiny_sniffer()
+    cfg = QFormerConfig.tiny_visual_tokenizer()
     m = perturbed(cfg)
     enc = torch.randn(3, 6, cfg.encoder_width, dtype=torch.float64)
     full = m(enc)
@@ -179,7 +179,7 @@ def test_batch_rows_are_independent():
 
 
 def test_parameter_names_follow_the_original():
-    names = set(dict(PerceiverResampler(QFormerConfig.tiny_sniffer()).named_parameters()))
+    names = set(dict(PerceiverResampler(QFormerConfig.tiny_visual_tokenizer()).named_parameters()))
     p = "blip2qformer.encoder.layer"
     assert "queries" in names and "blip2qformer.layernorm.weight" in names
     for i in range(3):
@@ -198,7 +198,8 @@ def test_parameter_names_follow_the_original():
 
 def test_hf_blip2_initialisation():
     torch.manual_seed(0)
-    m = PerceiverResampler(QFormerConfig.tiny_sniffer(hidden=256, heads=4, encoder_width=256, intermediate=512))
+    cfg = QFormerConfig.tiny_visual_tokenizer(hidden=256, heads=4, encoder_width=256, intermediate=512)
+    m = PerceiverResampler(cfg)
     linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
     w = torch.cat([lin.weight.flatten() for lin in linears])
     assert w.std().item() == pytest.approx(0.02, rel=0.03)  # not PyTorch's default kaiming-uniform
@@ -234,7 +235,7 @@ def _analytic_count(c: QFormerConfig) -> int:
     return total
 
 
-@pytest.mark.parametrize(("preset", "millions"), [("sniffer_7b", 101.66), ("image_decoder_7b", 21.07)])
+@pytest.mark.parametrize(("preset", "millions"), [("visual_tokenizer_7b", 101.66), ("image_decoder_7b", 21.07)])
 def test_7b_parameter_counts_on_meta(preset, millions):
     cfg = getattr(QFormerConfig, preset)()
     with torch.device("meta"):
@@ -245,7 +246,7 @@ def test_7b_parameter_counts_on_meta(preset, millions):
 
 
 def test_7b_presets():
-    s = QFormerConfig.sniffer_7b()
+    s = QFormerConfig.visual_tokenizer_7b()
     assert (s.num_layers, s.hidden, s.heads, s.cross_attention_frequency, s.encoder_width) == (12, 768, 12, 2, 1024)
     assert s.qk_norm and s.dropout == 0.1 and s.attn_dropout == 0.1 and s.num_queries == 77
     assert s.intermediate == 3072 and s.layer_norm_eps == 1e-12 and s.initializer_range == 0.02
@@ -265,7 +266,7 @@ def test_7b_presets():
 
 def test_dropout_in_training_only():
     enc = torch.randn(2, 6, 24)
-    m = PerceiverResampler(QFormerConfig.tiny_sniffer(dropout=0.0, attention_dropout=0.5))
+    m = PerceiverResampler(QFormerConfig.tiny_visual_tokenizer(dropout=0.0, attention_dropout=0.5))
     ref = m.eval()(enc)
     m.train()
     torch.manual_seed(0)
@@ -275,7 +276,7 @@ def test_dropout_in_training_only():
 
 
 def test_gradients_reach_every_parameter():
-    m = perturbed(QFormerConfig.tiny_sniffer(dropout=0.0), dtype=torch.float32).train()
+    m = perturbed(QFormerConfig.tiny_visual_tokenizer(dropout=0.0), dtype=torch.float32).train()
     enc = torch.randn(2, 6, 24, requires_grad=True)
     m(enc, torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])).pow(2).sum().backward()
     for name, p in m.named_parameters():
@@ -284,7 +285,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
-    m = perturbed(QFormerConfig.tiny_sniffer(dropout=0.0), dtype=torch.float32).train()
+    m = perturbed(QFormerConfig.tiny_visual_tokenizer(dropout=0.0), dtype=torch.float32).train()
     enc = torch.randn(2, 6, 24)
     m(enc).sum().backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}

@@ -1,4 +1,4 @@
-"""deem.models.vision: the ConvNeXt sniffer, its sin-cos positions and open_clip loading (spec §2)."""
+"""deem.models.vision: the ConvNeXt image encoder, its sin-cos positions and open_clip loading (spec §2)."""
 
 import dataclasses
 import json
@@ -13,8 +13,8 @@ from timm.models.convnext import ConvNeXt
 from deem.models.vision import (
     CLIP_MEAN,
     CLIP_STD,
-    ConvNeXtSniffer,
-    SnifferConfig,
+    ImageEncoder,
+    ImageEncoderConfig,
     get_abs_pos,
     load_open_clip_convnext,
     sincos_pos_embed_2d,
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------------------------------------------
 
 
-def tiny_sniffer(seed: int = 0, image_size: int = 256, **kw) -> ConvNeXtSniffer:
+def tiny_encoder(seed: int = 0, image_size: int = 256, **kw) -> ImageEncoder:
     torch.manual_seed(seed)
-    return ConvNeXtSniffer(SnifferConfig.tiny(image_size=image_size, **kw))
+    return ImageEncoder(ImageEncoderConfig.tiny(image_size=image_size, **kw))
 
 
 def set_layer_scale(module: torch.nn.Module, value: float = 1.0) -> None:
@@ -162,21 +162,21 @@ def test_get_abs_pos_downsizes_and_rejects_bad_sizes():
 
 
 def test_config_presets_and_validation():
-    base = SnifferConfig.convnext_base()
+    base = ImageEncoderConfig.convnext_base()
     assert base.depths == (3, 3, 27, 3) and base.dims == (128, 256, 512, 1024)
     assert (base.out_dim, base.drop_path_rate, base.pos_grid, base.image_size) == (1024, 0.1, 16, 256)
-    tiny = SnifferConfig.tiny()
+    tiny = ImageEncoderConfig.tiny()
     assert tiny.image_size == 64 and tiny.pos_grid == 4
-    assert SnifferConfig.convnext_base(image_size=448).pos_grid == 16  # the 16-grid table, resized at 448 px
+    assert ImageEncoderConfig.convnext_base(image_size=448).pos_grid == 16  # the 16-grid table, resized at 448 px
     with pytest.raises(ValueError, match="image_size"):
-        SnifferConfig.tiny(image_size=48)
+        ImageEncoderConfig.tiny(image_size=48)
     with pytest.raises(ValueError, match="4 stages"):
-        SnifferConfig(depths=(1, 1, 1), dims=(8, 16, 32))
+        ImageEncoderConfig(depths=(1, 1, 1), dims=(8, 16, 32))
 
 
 def test_config_json_round_trip():
-    cfg = SnifferConfig.tiny(drop_path_rate=0.2)
-    again = SnifferConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    cfg = ImageEncoderConfig.tiny(drop_path_rate=0.2)
+    again = ImageEncoderConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
     assert again == cfg
 
 
@@ -186,8 +186,8 @@ def test_config_json_round_trip():
 
 
 @pytest.mark.parametrize("res", [256, 448])
-def test_sniffer_shapes(res):
-    s = tiny_sniffer().eval()
+def test_image_encoder_shapes(res):
+    s = tiny_encoder().eval()
     out = s(torch.rand(2, 3, res, res))
     g = res // 16
     d = s.config.out_dim
@@ -200,9 +200,9 @@ def test_sniffer_shapes(res):
 
 
 @pytest.mark.parametrize("res", [256, 448])
-def test_sniffer_matches_explicit_computation(res):
+def test_image_encoder_matches_explicit_computation(res):
     """Normalise, run timm's trunk, adapt channels-last, add the resized table: written out here."""
-    s = tiny_sniffer(seed=3).eval()
+    s = tiny_encoder(seed=3).eval()
     set_layer_scale(s.trunk)
     torch.manual_seed(4)
     pixels = torch.rand(2, 3, res, res)
@@ -247,16 +247,16 @@ def test_sniffer_matches_explicit_computation(res):
     torch.testing.assert_close(out.token_pos, want_pos, rtol=0, atol=1e-6)
 
 
-def test_sniffer_at_table_resolution_uses_table_unchanged():
-    s = tiny_sniffer().eval()
+def test_image_encoder_at_table_resolution_uses_table_unchanged():
+    s = tiny_encoder().eval()
     out = s(torch.rand(1, 3, 256, 256))
     assert torch.equal(out.token_pos, s.pos_embed)
     raw_tokens = out.multiscale[2] - s.pos_embed[1:].t().reshape(-1, 16, 16)
     torch.testing.assert_close(out.tokens[:, 1:], raw_tokens.flatten(2).transpose(1, 2), rtol=0, atol=1e-6)
 
 
-def test_sniffer_rejects_bad_pixels():
-    s = tiny_sniffer()
+def test_image_encoder_rejects_bad_pixels():
+    s = tiny_encoder()
     with pytest.raises(ValueError, match=r"\[B, 3, R, R\]"):
         s(torch.rand(3, 64, 64))
     with pytest.raises(ValueError, match=r"\[B, 3, R, R\]"):
@@ -267,8 +267,8 @@ def test_sniffer_rejects_bad_pixels():
         s(torch.rand(1, 3, 80, 80))
 
 
-def test_low_precision_sniffer_takes_float_pixels():
-    s = tiny_sniffer(image_size=64).eval()
+def test_low_precision_image_encoder_takes_float_pixels():
+    s = tiny_encoder(image_size=64).eval()
     pixels = torch.rand(2, 3, 64, 64)
     ref = s(pixels)
     out = s.to(torch.bfloat16)(pixels)
@@ -277,7 +277,7 @@ def test_low_precision_sniffer_takes_float_pixels():
 
 
 def test_pos_embed_is_a_frozen_persistent_buffer():
-    s = tiny_sniffer()
+    s = tiny_encoder()
     assert "pos_embed" in s.state_dict() and "clip_mean" in s.state_dict()
     assert "pos_embed" not in dict(s.named_parameters())
     assert torch.equal(s.pos_embed, sincos_pos_embed_2d(32, 16, cls_token=True))
@@ -297,7 +297,7 @@ def _all_outputs_sum(out) -> torch.Tensor:
 
 
 def test_freezing_disables_drop_path_and_unfreezing_restores_it():
-    s = tiny_sniffer(image_size=64)
+    s = tiny_encoder(image_size=64)
     set_layer_scale(s.trunk)
     schedule = s.drop_path_rates()
     assert len(schedule) == 3 and max(schedule) == pytest.approx(0.1) and min(schedule) > 0  # block 0 has rate 0
@@ -320,7 +320,7 @@ def test_freezing_disables_drop_path_and_unfreezing_restores_it():
 
 
 def test_frozen_trunk_gradients_reach_only_adapters():
-    s = tiny_sniffer(image_size=64).train()
+    s = tiny_encoder(image_size=64).train()
     s.set_trunk_frozen(True)
     _all_outputs_sum(s(torch.rand(2, 3, 64, 64))).backward()
     for name, p in s.named_parameters():
@@ -331,7 +331,7 @@ def test_frozen_trunk_gradients_reach_only_adapters():
 
 
 def test_unfrozen_gradients_reach_every_parameter():
-    s = tiny_sniffer(image_size=64).eval()
+    s = tiny_encoder(image_size=64).eval()
     set_layer_scale(s.trunk)
     _all_outputs_sum(s(torch.rand(2, 3, 64, 64))).backward()
     for name, p in s.named_parameters():
@@ -340,7 +340,7 @@ def test_unfrozen_gradients_reach_every_parameter():
 
 def test_convnext_base_parameter_counts_on_meta():
     with torch.device("meta"):
-        s = ConvNeXtSniffer(SnifferConfig.convnext_base())
+        s = ImageEncoder(ImageEncoderConfig.convnext_base())
     n_trunk = sum(p.numel() for p in s.trunk.parameters())
     n_adapt = sum(p.numel() for n, p in s.named_parameters() if n.startswith("adapter"))
     # analytic ConvNeXt-B: stem, downsamplers, blocks (dw 7x7, LN, 4x MLP, layer scale), head LN
@@ -366,7 +366,7 @@ def test_convnext_base_parameter_counts_on_meta():
 # ------------------------------------------------------------------------------------------------
 
 
-def _assert_trunk_equals(s: ConvNeXtSniffer, src: ConvNeXt) -> None:
+def _assert_trunk_equals(s: ImageEncoder, src: ConvNeXt) -> None:
     own = s.trunk.state_dict()
     for k, v in src.state_dict().items():
         assert torch.equal(own[k], v), k
@@ -387,7 +387,7 @@ def test_load_open_clip_round_trip(tmp_path, fmt):
         source = tmp_path
     else:
         source = sd
-    s = tiny_sniffer(seed=7, image_size=64)
+    s = tiny_encoder(seed=7, image_size=64)
     report = load_open_clip_convnext(s, source)
     _assert_trunk_equals(s, src)
     assert report.ok and report.missing == [] and report.unexpected == []
@@ -396,7 +396,7 @@ def test_load_open_clip_round_trip(tmp_path, fmt):
     assert "logit_scale" in report.ignored and len(report.ignored) == 7
     if fmt in ("bin", "safetensors"):
         assert report.source == str(source)
-    # the sniffer now computes the source trunk's features
+    # the image encoder now computes the source trunk's features
     pixels = torch.rand(1, 3, 64, 64)
     x = (pixels - s.clip_mean) / s.clip_std
     src.eval()
@@ -412,7 +412,7 @@ def test_load_open_clip_accepts_state_dict_wrapper_and_module_prefix(tmp_path):
     sd = {f"module.{k}": v for k, v in open_clip_state_dict(src).items()}
     path = tmp_path / "epoch_1.pt"
     torch.save({"epoch": 1, "state_dict": sd}, path)
-    s = tiny_sniffer(image_size=64)
+    s = tiny_encoder(image_size=64)
     assert s.load_open_clip(path).ok
     _assert_trunk_equals(s, src)
 
@@ -421,7 +421,7 @@ def test_load_open_clip_shape_mismatch_names_file_and_key(tmp_path):
     sd = open_clip_state_dict(source_trunk(dims=(8, 16, 32, 48)))
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(sd, path)
-    s = tiny_sniffer(image_size=64)
+    s = tiny_encoder(image_size=64)
     before = {k: v.clone() for k, v in s.trunk.state_dict().items()}
     with pytest.raises(ValueError) as e:
         load_open_clip_convnext(s, path)
@@ -436,7 +436,7 @@ def test_load_open_clip_without_trunk_keys(tmp_path):
     path = tmp_path / "open_clip_model.safetensors"
     save_file(sd, str(path))
     with pytest.raises(ValueError, match=r"no 'visual\.trunk\.\*' key") as e:
-        load_open_clip_convnext(tiny_sniffer(image_size=64), path)
+        load_open_clip_convnext(tiny_encoder(image_size=64), path)
     assert str(path) in str(e.value) and "token_embedding.weight" in str(e.value)
 
 
@@ -447,7 +447,7 @@ def test_load_open_clip_missing_and_unexpected_keys(tmp_path):
     sd["visual.trunk.head.fc.weight"] = torch.randn(3, 64)
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(sd, path)
-    s = tiny_sniffer(image_size=64)
+    s = tiny_encoder(image_size=64)
     with pytest.raises(ValueError, match=r"head\.norm\.weight") as e:
         load_open_clip_convnext(s, path)
     assert "head.fc.weight" in str(e.value) and str(path) in str(e.value)
@@ -461,21 +461,21 @@ def test_load_open_clip_refuses_pickled_objects(tmp_path):
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save({"visual.trunk.stem.0.weight": torch.zeros(1), "evil": NotATensor()}, path)
     with pytest.raises(ValueError, match="weights-only") as e:
-        load_open_clip_convnext(tiny_sniffer(image_size=64), path)
+        load_open_clip_convnext(tiny_encoder(image_size=64), path)
     assert str(path) in str(e.value)
 
 
 def test_load_open_clip_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        load_open_clip_convnext(tiny_sniffer(image_size=64), tmp_path / "nope.bin")
+        load_open_clip_convnext(tiny_encoder(image_size=64), tmp_path / "nope.bin")
     with pytest.raises(FileNotFoundError, match="none of"):
-        load_open_clip_convnext(tiny_sniffer(image_size=64), tmp_path)
+        load_open_clip_convnext(tiny_encoder(image_size=64), tmp_path)
 
 
-def test_load_open_clip_into_meta_built_sniffer():
+def test_load_open_clip_into_meta_built_image_encoder():
     src = source_trunk()
     with torch.device("meta"):
-        s = ConvNeXtSniffer(SnifferConfig.tiny())
+        s = ImageEncoder(ImageEncoderConfig.tiny())
     report = load_open_clip_convnext(s, open_clip_state_dict(src))
     assert report.ok
     assert not any(p.is_meta for p in s.trunk.parameters())
@@ -498,13 +498,13 @@ def test_open_clip_filter_is_timms_and_keeps_the_projection_head_out():
     assert "visual.head.proj.weight" in remapped.ignored and remapped.notes
     # a damaged checkpoint without the stem (timm would read it as a Facebook checkpoint) reports the gap
     del sd["visual.trunk.stem.0.weight"]
-    s = tiny_sniffer(image_size=64)
+    s = tiny_encoder(image_size=64)
     report = load_open_clip_convnext(s, sd, strict=False)
     assert report.missing == ["stem.0.weight"] and not report.unexpected
     _assert_trunk_equals_except(s, src, "stem.0.weight")
 
 
-def _assert_trunk_equals_except(s: ConvNeXtSniffer, src: ConvNeXt, skip: str) -> None:
+def _assert_trunk_equals_except(s: ImageEncoder, src: ConvNeXt, skip: str) -> None:
     own = s.trunk.state_dict()
     for k, v in src.state_dict().items():
         if k != skip:

@@ -220,7 +220,7 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path, tor
     as one process taking all of it: the data is sharded without overlap and losses/gradients are averaged."""
     common = ["configs/train/tiny_sft_vqa.yaml", "init_from=null", f"data.root={world}", "schedule.max_steps=3",
               "schedule.warmup_steps=1", "log.every=1", "log.progress=false", "log.tensorboard=false",
-              "checkpoint.every=3", "model.overrides.loss_sniffer_weight=0.0"]
+              "checkpoint.every=3", "model.overrides.loss_feedback_weight=0.0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "deem", "train", *common, f"output_dir={tmp_path / 'one'}",
                     "data.batch_size=4"], env=env, check=True, capture_output=True, cwd=REPO)

@@ -39,7 +39,7 @@ for _ in range(2):
     output = engine(**next(batches))
     engine.backward(output.loss)
     engine.step()
-    losses.append({k: float(output[k]) for k in ("loss", "loss_txt", "loss_img", "loss_sniffer") if k in output})
+    losses.append({k: float(output[k]) for k in ("loss", "loss_txt", "loss_img", "loss_feedback") if k in output})
 with open(os.path.join(os.environ["DEEM_TEST_RESULTS"], f"rank{rank}.json"), "w") as f:
     json.dump(losses, f)
 """

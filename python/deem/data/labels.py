@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from deem.data.tokenizer import SpecialTokens
+from deem.tokens import IGNORE_INDEX, SpecialTokens
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "build_labels", "image_conditioned", "nearest_bos_indices", "pad_sequences"]
 
 
 def build_labels(

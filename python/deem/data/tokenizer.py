@@ -1,8 +1,9 @@
-"""Tokenizers: the LLaMA/Vicuna tokenizer from a local directory, a tiny offline one, and the special tokens.
+"""Tokenizers: the LLaMA/Vicuna tokenizer from a local directory and a tiny offline one.
 
-Collators never hard-code token ids: they read them from `SpecialTokens`, which is looked up from the
-tokenizer itself. The real Vicuna tokenizer gets the DEEM ids (soi 32000, image 32001, grounding tokens
-32002-32005, pad 31999, bos 1, eos 2); a tiny tokenizer has the same tokens and roles with other ids.
+Collators never hard-code token ids: they read them from `SpecialTokens` (defined in :mod:`deem.tokens`),
+which is looked up from the tokenizer itself. The real Vicuna tokenizer gets the DEEM ids (soi 32000, image
+32001, grounding tokens 32002-32005, pad 31999, bos 1, eos 2); a tiny tokenizer has the same tokens and roles
+with other ids.
 """
 
 from __future__ import annotations
@@ -11,42 +12,18 @@ import itertools
 import json
 import string
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from deem.data.errors import DataError
 from deem.data.text import read_text_file
-
-SOI_TOKEN = "<|startofimage|>"
-IMAGE_TOKEN = "<|sniffer|>"
-GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>")
-LLAMA_PAD_ID = 31999  # the original reuses an ordinary vocabulary token as pad (see docs/data.md)
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Ids and strings of every token with a role in DEEM's sequences."""
-
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    soi_id: int
-    image_id: int
-    ref_id: int
-    ref_end_id: int
-    box_id: int
-    box_end_id: int
-    bos: str = "<s>"
-    eos: str = "</s>"
-    soi: str = SOI_TOKEN
-    image: str = IMAGE_TOKEN
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "soi": self.soi_id,
-            "image": self.image_id, "ref": self.ref_id, "/ref": self.ref_end_id,
-            "box": self.box_id, "/box": self.box_end_id,
-        }
+from deem.tokens import (
+    GROUNDING_TOKENS,
+    IMAGE_TOKEN,
+    LLAMA_PAD_ID,
+    SOI_TOKEN,
+    SpecialTokens,
+    TokenLayout,
+)
 
 
 class DeemTokenizer:
@@ -72,6 +49,11 @@ class DeemTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
+
+    @property
+    def layout(self) -> TokenLayout:
+        """The special ids, vocabulary size and image run length a model built for this tokenizer must have."""
+        return TokenLayout(self.special, self.vocab_size, self.num_img_token)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.hf(text, add_special_tokens=False)["input_ids"]

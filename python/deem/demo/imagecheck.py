@@ -35,7 +35,7 @@ def generate_from_captions(model: DeemModel, tokenizer: DeemTokenizer, captions:
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    size = model.config.sniffer["image_size"]
+    size = model.config.image_encoder["image_size"]
     placeholder = torch.zeros(len(seqs), 3, size, size)  # the image being drawn: its tokens are never read
     return model.eval().generate_images(ids, mask, placeholder, torch.ones(len(seqs), dtype=torch.long),
                                         num_inference_steps=steps, guidance_scale=guidance,

@@ -49,14 +49,14 @@ class DemoPlan:
 
 
 def demo_model_config(tiny_config: DeemConfig) -> DeemConfig:
-    """The demo's model: the tiny preset (its tokenizer's ids, 64 px sniffer) with a diffusion side that can
+    """The demo's model: the tiny preset (its tokenizer's ids, 64 px image encoder) with a diffusion side that can
     learn to draw the world in CPU seconds: 16 px images (the data config's `resolution_dec`), a 2-block VAE
     (8 x 8 x 4 latents), a [16, 32]-channel UNet with 32-wide cross-attention, and an image-decoder Q-Former
     of that width."""
     cfg = DeemConfig.from_dict(tiny_config.to_dict())
     # the tiny preset's 8-channel stem cannot tell the world's five shape kinds apart at 64 px (the visual
     # tokens carried a shape's kind in 34 % of test scenes after the pre-fit); twice its widths: 65 %
-    cfg.sniffer = {**cfg.sniffer, "dims": [16, 32, 64, 128]}
+    cfg.image_encoder = {**cfg.image_encoder, "dims": [16, 32, 64, 128]}
     d = dict(cfg.diffusion)
     d["image_size"] = DIFFUSION_SIZE
     d["vae_config"] = {**d["vae_config"], "block_out_channels": [16, 32], "sample_size": DIFFUSION_SIZE}

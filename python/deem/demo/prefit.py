@@ -5,7 +5,7 @@
 * `prefit_unet`: Stable Diffusion's UNet, a text-to-image model conditioned on `CaptionEncoder` (the stand-in
   for SD's CLIP text encoder, discarded afterwards except for the empty-caption embedding that starts the
   image decoder's negative prompt), trained with 10 % dropped captions for classifier-free guidance;
-* `prefit_encoder`: the CLIP image encoder (sniffer trunk, adapters, Q-Former and the projection into the LLM),
+* `prefit_encoder`: the CLIP image encoder (ConvNeXt trunk, adapters, Q-Former and the projection into the LLM),
   fitted to what captions that leave the shapes' colours out say, with random hue rotations of the images.
   Like CLIP, it keeps what its captions name and becomes invariant to what they do not: the bias the
   diffusion feedback of DEEM's stage 1 is meant to correct.
@@ -220,7 +220,7 @@ def caption_targets(scenes, colours: bool) -> tuple[torch.Tensor, list[int]]:
 def prefit_encoder(model: DeemModel, images: torch.Tensor, targets: torch.Tensor, sizes: list[int], steps: int,
                    generator: torch.Generator, batch: int = 128, lr: float = 3e-3, hue: bool = True,
                    on_step: OnStep = None) -> FitLog:
-    """The stand-ins for CLIP and the BLIP-2 Q-Former, in that order: first the image encoder (sniffer trunk and
+    """The stand-ins for CLIP and the BLIP-2 Q-Former, in that order: first the image encoder (ConvNeXt trunk and
     adapters) learns to predict from its tokens what the images' captions say (`caption_targets`), then, with
     the trunk frozen, the Q-Former and its projection into the LLM learn to carry the same from the tokens they
     produce; each through a linear head discarded afterwards. Half of `steps` each. (Caption supervision stands
@@ -251,13 +251,13 @@ def prefit_encoder(model: DeemModel, images: torch.Tensor, targets: torch.Tensor
 
     visual.train()
     visual.requires_grad_(False)
-    sniffer = visual.sniffer
-    sniffer.requires_grad_(True)
+    image_encoder = visual.image_encoder
+    image_encoder.requires_grad_(True)
     with torch.no_grad():
-        n_trunk_tokens = sniffer(images[:1]).tokens.numel()
-    fit(lambda x: sniffer(x).tokens.flatten(1), n_trunk_tokens, list(sniffer.parameters()), steps // 2)
-    sniffer.requires_grad_(False)
-    head_params = [p for n, p in visual.named_parameters() if not n.startswith("sniffer.")]
+        n_trunk_tokens = image_encoder(images[:1]).tokens.numel()
+    fit(lambda x: image_encoder(x).tokens.flatten(1), n_trunk_tokens, list(image_encoder.parameters()), steps // 2)
+    image_encoder.requires_grad_(False)
+    head_params = [p for n, p in visual.named_parameters() if not n.startswith("image_encoder.")]
     for p in head_params:
         p.requires_grad_(True)
     width = model.config.num_img_token * visual.proj_t.out_features

@@ -23,7 +23,7 @@ def encoder_features(model: DeemModel, pixels: torch.Tensor, scenes: list[WorldS
     at_shapes, tokens = [], []
     for start in range(0, len(pixels), batch):
         chunk = pixels[start : start + batch]
-        out = visual.sniffer(chunk)
+        out = visual.image_encoder(chunk)
         tokens.append(visual(chunk).embeds.flatten(1))
         for i, ws in enumerate(scenes[start : start + batch]):
             grid = torch.tensor([[[[s.cx * 2 - 1, s.cy * 2 - 1]] for s in ws.shapes]])  # [1, n, 1, 2]

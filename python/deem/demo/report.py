@@ -132,7 +132,7 @@ def render(runs: list[dict[str, Any]], out: Path) -> str:
         f"captions with the encoder trunk and UNet frozen ({plan['components_steps']} steps);",
         f"- stage 1 (MMC4 + LAION, LLM and UNet frozen, image encoder trained): {plan['stage1_steps']} steps; "
         f"stage 2 (VQA fine-tuning, LLM trained, encoder trunk frozen): {plan['stage2_steps']} steps; DEEM adds the "
-        "sniffer loss (weight 5) in both, the baseline does not; batch "
+        "feedback loss (weight 5) in both, the baseline does not; batch "
         f"{plan['batch_size']}, lr {plan['lr']};",
         "- timings (first run): " + "; ".join(first["timings"]),
         "",
@@ -182,7 +182,7 @@ def write_figures(out: Path, world: Path, prefit_logs: list) -> None:
     for ax, name in zip(axes[len(prefit_logs):], RUNS):
         path = out / "runs" / name / "log.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        for i, key in enumerate(("loss_txt", "loss_img", "loss_sniffer")):
+        for i, key in enumerate(("loss_txt", "loss_img", "loss_feedback")):
             pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if pts:
                 steps, values = zip(*pts)

@@ -54,13 +54,12 @@ def _prefit(world: Path, out: Path, plan: DemoPlan, console: Console) -> tuple[s
     """The pre-fitted components as one saved model (the first stage's preset and init_from)."""
     from deem.data import load_tokenizer
     from deem.demo import prefit
-    from deem.models import DeemModel
-    from deem.train.build import tiny_config_for
+    from deem.models import DeemModel, tiny
 
     torch.manual_seed(plan.seed)
     generator = torch.Generator().manual_seed(plan.seed)
     tokenizer = load_tokenizer({"type": "hf", "path": str(world / "tokenizer"), "num_img_token": 4})
-    model = DeemModel(demo_model_config(tiny_config_for(tokenizer, ENCODER_SIZE)))
+    model = DeemModel(demo_model_config(tiny(tokenizer.layout, ENCODER_SIZE)))
     corpus, (pixels, pixels_dec) = pretraining_corpus(plan.seed, plan.pretraining_images,
                                                       (ENCODER_SIZE, DIFFUSION_SIZE))
     pad = tokenizer.special.pad_id

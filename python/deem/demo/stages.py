@@ -14,10 +14,10 @@ from deem.configs import SYNTH_DATA, SYNTH_EVAL
 from deem.demo.plan import DIFFUSION_SIZE, ENCODER_SIZE, DemoPlan
 
 VARIANTS = {
-    # DEEM: stage 1 and the VQA fine-tuning with the diffusion feedback (sniffer loss, weight 5)
-    "DEEM": {"loss_sniffer_weight": 5.0},
+    # DEEM: stage 1 and the VQA fine-tuning with the diffusion feedback (feedback loss, weight 5)
+    "DEEM": {"loss_feedback_weight": 5.0},
     # the MM-Interleaved recipe trained identically, without the feedback
-    "MM-Interleaved baseline": {"loss_sniffer_weight": 0.0},
+    "MM-Interleaved baseline": {"loss_feedback_weight": 0.0},
 }
 VARIANT_KEYS = {"DEEM": "deem", "MM-Interleaved baseline": "baseline"}
 
@@ -73,8 +73,8 @@ def components_stage(plan: DemoPlan) -> Stage:
     """The LLM (and the image decoder's Q-Former) pre-fitted on captions with the pre-fitted encoder trunk and
     UNet frozen: the stand-in for Vicuna and for the components MM-Interleaved starts from."""
     return Stage("components", "pretrain_baseline", "coco_caption_karpathy", plan.components_steps,
-                 {"freeze_llm": False, "freeze_vfm": True, "freeze_dm": True, "freeze_text_head": False,
-                  "loss_sniffer_weight": 0.0})
+                 {"freeze_llm": False, "freeze_image_encoder": True, "freeze_unet": True, "freeze_text_head": False,
+                  "loss_feedback_weight": 0.0})
 
 
 def train_config(out: Path, world: Path, data_config: Path, preset: str, stage: Stage, plan: DemoPlan,
@@ -93,7 +93,7 @@ def train_config(out: Path, world: Path, data_config: Path, preset: str, stage: 
             {"pattern": "llama_cross_attn.gate", "lr": 10 * plan.lr, "weight_decay": 0.0},
             # the 7B recipe's ratios (configs/train/pretrain_deem.yaml): offsets at 0.1x, the encoder trunk at 0.2x
             {"pattern": "sampling_offsets", "lr": 0.1 * plan.lr, "weight_decay": 0.0},
-            {"pattern": "visual_tokenizer.sniffer.trunk", "lr": 0.2 * plan.lr},
+            {"pattern": "visual_tokenizer.image_encoder.trunk", "lr": 0.2 * plan.lr},
         ]},
         "schedule": {"warmup_steps": min(20, max(1, steps // 10)), "max_steps": steps},
         "run": {"precision": "fp32", "seed": plan.seed},

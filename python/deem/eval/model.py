@@ -79,12 +79,12 @@ def check_compatible(model: Any, tok: DeemTokenizer, benches: Sequence[Benchmark
     if tok.num_img_token != cfg.num_img_token:
         raise EvalError(f"tokenizer num_img_token {tok.num_img_token} != checkpoint num_img_token "
                         f"{cfg.num_img_token} (set tokenizer.num_img_token in the eval config)")
-    size = (getattr(cfg, "sniffer", None) or {}).get("image_size")
+    size = (getattr(cfg, "image_encoder", None) or {}).get("image_size")
     for b in benches:
         res = (b.dataset.get("transform") or {}).get("resolution")
         if size is not None and res is not None and int(res) != int(size):
-            raise EvalError(f"{b.name}: images are resized to {res} px but the checkpoint's sniffer expects {size} "
-                            "(set `resolution:` in the eval config or --resolution)")
+            raise EvalError(f"{b.name}: images are resized to {res} px but the checkpoint's image encoder expects "
+                            f"{size} (set `resolution:` in the eval config or --resolution)")
 
 
 def load_for_eval(cfg: EvalConfig, selected: Sequence[BenchmarkConfig], checkpoint: Any, tokenizer: Any,

@@ -73,7 +73,7 @@ class InferenceEngine:
         self.context = int(model.llm.config.max_position_embeddings)
         self.max_images = int(cfg.mmfs_settings.max_num_image_per_seq) - 1
         self.num_img_token = int(cfg.num_img_token)
-        self.image_size = int(cfg.sniffer["image_size"])
+        self.image_size = int(cfg.image_encoder["image_size"])
         self.max_batch_size = int(max_batch_size)
         self.forward = DecoderForward(model)
         self.arena = CacheArena(CacheDims.of(model.llm), self.device, self.dtype)

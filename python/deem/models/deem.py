@@ -1,42 +1,42 @@
 """`DeemModel`: the whole DEEM model (spec/model.md §1): visual tokenizer with the diffusion-feedback
-("sniffer") loss, LLaMA with MMFS cross-attention, text head, and the interleaved image decoder.
+loss, LLaMA with MMFS cross-attention, text head, and the interleaved image decoder.
 
-The forward returns the text, image-generation and sniffer losses and their weighted total. The
+The forward returns the text, image-generation and feedback losses and their weighted total. The
 model follows the transformers conventions (`DeemConfig`, `save_pretrained` / `from_pretrained` with
 safetensors); `from_components` builds it from the real component checkpoints (HF LLaMA/Vicuna
 directory, diffusers SD 2.1 directory, open_clip ConvNeXt file) and `load_original_checkpoint` reads an
-original DEEM / MM-Interleaved `pytorch_model.bin` through a documented key map.
+original DEEM / MM-Interleaved `pytorch_model.bin` through a documented key map. Generation
+(:mod:`deem.models.generation`) and test-time adaptation (:mod:`deem.models.adaptation`) are mixins
+of their own modules.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from deem.models.adaptation import AdaptationMethods
 from deem.models.config import DeemConfig
-from deem.models.diffusion import DiffusionFeedback, pack_mmfs_features
+from deem.models.diffusion import DiffusionFeedback, generation_loss, pack_mmfs_features
+from deem.models.generation import GenerationMethods
 from deem.models.llm import DeemLlamaModel, TextHead, VisionContext
 from deem.models.loading import CheckpointError
 from deem.models.multimodal import (
-    IGNORE_INDEX,
     add_soi_embedding,
     cross_attention_visibility,
     image_context,
     pack_image_features,
     previous_image_features,
     scatter_image_embeddings,
-    sincos_1d,
     text_loss,
 )
+from deem.models.positions import sincos_pos_embed_1d
 from deem.models.resampler import PerceiverResampler, QFormerConfig
 from deem.models.visual_tokenizer import VisualTokenizer, VisualTokens
 
@@ -48,7 +48,7 @@ class DeemOutput(ModelOutput):
     loss: torch.Tensor
     loss_txt: torch.Tensor | None = None
     loss_img: torch.Tensor | None = None
-    loss_sniffer: torch.Tensor | None = None
+    loss_feedback: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 
@@ -69,16 +69,6 @@ class ImageDecoder(nn.Module):
         return self.perceiver_resampler(context, mask)
 
 
-class _GenerationLM(LlamaForCausalLM):
-    """transformers' causal-LM wrapper over our LLM and text head for `generate`; declares `vision_context`
-    so generate forwards it to the model at every step, and `position_ids` so that generate derives them from
-    the attention mask (left-padded prompts: cumsum(mask) - 1, spec/model.md §6.2) instead of counting pads."""
-
-    def forward(self, *args, position_ids: torch.Tensor | None = None, vision_context: VisionContext | None = None,
-                **kwargs):
-        return super().forward(*args, position_ids=position_ids, vision_context=vision_context, **kwargs)
-
-
 class DeemPreTrainedModel(PreTrainedModel):
     config_class = DeemConfig
     base_model_prefix = "deem"
@@ -89,7 +79,7 @@ class DeemPreTrainedModel(PreTrainedModel):
         """Every component initialises itself as the original does (spec/model.md §12)."""
 
 
-class DeemModel(DeemPreTrainedModel):
+class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
     def __init__(self, config: DeemConfig) -> None:
         super().__init__(config)
         llm_cfg = config.llm_config
@@ -102,7 +92,8 @@ class DeemModel(DeemPreTrainedModel):
         self.diffusion = DiffusionFeedback(diffusion_cfg) if diffusion_cfg is not None else None
         context_dim = self.diffusion.unet.config.cross_attention_dim if self.diffusion is not None else None
         self.visual_tokenizer = VisualTokenizer(
-            config.sniffer_config, config.sniffer_resampler_config, hidden, context_dim, config.mask_pooling
+            config.image_encoder_config, config.visual_tokenizer_resampler_config, hidden, context_dim,
+            config.mask_pooling,
         )
         decoder_cfg = config.image_decoder_resampler_config
         self.image_decoder = ImageDecoder(decoder_cfg) if config.has_image_decoder else None
@@ -146,11 +137,11 @@ class DeemModel(DeemPreTrainedModel):
         # the demo's, pre-fits them with freeze_text_head=False)
         self.text_head.head.requires_grad_(not cfg.freeze_text_head)
         self.text_head.head_new.requires_grad_(True)
-        self.visual_tokenizer.set_trainable(freeze_trunk=cfg.freeze_vfm)
-        if self.visual_tokenizer.proj_i is not None and cfg.loss_sniffer_weight == 0:
-            self.visual_tokenizer.proj_i.requires_grad_(False)  # only the sniffer loss uses it
+        self.visual_tokenizer.set_trainable(freeze_trunk=cfg.freeze_image_encoder)
+        if self.visual_tokenizer.proj_i is not None and cfg.loss_feedback_weight == 0:
+            self.visual_tokenizer.proj_i.requires_grad_(False)  # only the feedback loss uses it
         if self.diffusion is not None:
-            self.diffusion.set_trainable(freeze_unet=cfg.freeze_dm)
+            self.diffusion.set_trainable(freeze_unet=cfg.freeze_unet)
         for module in (self.image_decoder, self.context_feat_proj):
             if module is not None:
                 module.requires_grad_(True)
@@ -173,7 +164,7 @@ class DeemModel(DeemPreTrainedModel):
         levels = [m for m in multiscale if m.shape[-1] in sides]
         if len(levels) != len(sides):
             raise ValueError(
-                f"the sniffer's maps have sides {[m.shape[-1] for m in multiscale]}; the LLM MMFS layers "
+                f"the image encoder's maps have sides {[m.shape[-1] for m in multiscale]}; the LLM MMFS layers "
                 f"expect {sorted(sides, reverse=True)} (config.mmfs.spatial_shapes; check the image size)"
             )
         features = pack_image_features(levels, num_image_per_seq)
@@ -187,7 +178,7 @@ class DeemModel(DeemPreTrainedModel):
         image_tensors_dec,
         image_tensors_mask,
         num_image_per_seq,
-        sniffer_loss: bool,
+        feedback_loss: bool,
         generator=None,
         visual: VisualTokens | None = None,
     ):
@@ -199,28 +190,11 @@ class DeemModel(DeemPreTrainedModel):
         if num_image_per_seq is None:
             raise ValueError("num_image_per_seq is required with images")
         vis = visual or self.visual_tokenizer(
-            image_tensors, image_tensors_dec, image_tensors_mask, self.diffusion, sniffer_loss, generator
+            image_tensors, image_tensors_dec, image_tensors_mask, self.diffusion, feedback_loss, generator
         )
         embeds = scatter_image_embeddings(embeds, text_ids, vis.embeds, self.special["image"])
         embeds = add_soi_embedding(embeds, text_ids, self.soi_token, self.special["soi"])
         return embeds, vis, self._llm_vision_context(vis.multiscale, text_ids, num_image_per_seq)
-
-    def text_labels(
-        self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        gt_text_ids: torch.Tensor | None = None, **_: object
-    ) -> torch.Tensor:
-        """The labels the text loss scores: the collators' `gt_text_ids`, else spec §7.4 without prompt masking."""
-        if gt_text_ids is not None:
-            return gt_text_ids
-        sp = self.special
-        labels = text_ids.clone()
-        drop = (text_ids == sp["image"]) | (text_ids == sp["bos"])
-        if attention_mask is not None:
-            drop |= attention_mask == 0
-        after_bos = torch.zeros_like(drop)
-        after_bos[:, 1:] = (text_ids[:, :-1] == sp["bos"]) & (text_ids[:, 1:] == sp["soi"])
-        labels[drop | after_bos] = IGNORE_INDEX
-        return labels
 
     def _context_features(self, hidden, text_ids, nearest_bos_idxs):
         ctx, mask, _ = image_context(hidden, text_ids, self.special["soi"], nearest_bos_idxs)
@@ -228,7 +202,7 @@ class DeemModel(DeemPreTrainedModel):
             raise ValueError(
                 f"an image's context has {ctx.shape[1]} tokens, more than context_seq_len={self.config.context_seq_len}"
             )
-        pos = sincos_1d(ctx.shape[1], ctx.shape[-1], device=ctx.device, dtype=ctx.dtype)
+        pos = sincos_pos_embed_1d(ctx.shape[-1], torch.arange(ctx.shape[1]), ctx.dtype).to(ctx.device)
         return self.context_feat_proj(ctx) + pos[None], mask
 
     # ------------------------------------------------------------------ training forward
@@ -248,14 +222,16 @@ class DeemModel(DeemPreTrainedModel):
         generator: torch.Generator | None = None,
         text_loss_denominator: float | torch.Tensor | None = None,
     ) -> DeemOutput:
-        """Losses of one batch in the collators' format (spec/model.md §1). `text_loss_denominator` replaces the
-        text loss's per-batch token mean by sum / denominator (see `text_labels`)."""
+        """Losses of one batch in the collators' format (spec/model.md §1). The text loss scores `gt_text_ids`,
+        the labels of `deem.data.labels.build_labels` (the one label rule); without them (inference) it is not
+        computed, and in training that is an error. `text_loss_denominator` replaces the text loss's per-batch
+        token mean by sum / denominator."""
         cfg = self.config
         w_txt = cfg.loss_txt_weight if loss_txt_weight is None else float(loss_txt_weight)
         w_img = cfg.loss_img_weight if loss_img_weight is None else float(loss_img_weight)
-        want_sniffer = self.training and self.diffusion is not None and cfg.loss_sniffer_weight > 0
+        want_feedback = self.training and self.diffusion is not None and cfg.loss_feedback_weight > 0
         embeds, vis, context = self._embed(
-            text_ids, image_tensors, image_tensors_dec, image_tensors_mask, num_image_per_seq, want_sniffer, generator
+            text_ids, image_tensors, image_tensors_dec, image_tensors_mask, num_image_per_seq, want_feedback, generator
         )
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, vision_context=context).last_hidden_state
         logits = self.text_head(hidden)
@@ -263,20 +239,21 @@ class DeemModel(DeemPreTrainedModel):
         # nor reported (reported, it read as a text loss of ~11 on every such step: targets nothing trains)
         loss_txt = None
         total = hidden.sum() * 0.0
-        if w_txt != 0:
-            labels = self.text_labels(text_ids, attention_mask, gt_text_ids)
-            loss_txt = text_loss(logits, labels, text_loss_denominator)
+        if w_txt != 0 and gt_text_ids is not None:
+            loss_txt = text_loss(logits, gt_text_ids, text_loss_denominator)
             total = total + w_txt * loss_txt
-        loss_sniffer = vis.loss_sniffer if vis is not None else None
-        if loss_sniffer is not None:
-            total = total + cfg.loss_sniffer_weight * loss_sniffer
+        elif w_txt != 0 and self.training:
+            raise ValueError("the text loss needs gt_text_ids (the collators' labels, deem.data.labels.build_labels)")
+        loss_feedback = vis.loss_feedback if vis is not None else None
+        if loss_feedback is not None:
+            total = total + cfg.loss_feedback_weight * loss_feedback
         loss_img = None
         if self.image_decoder is not None and w_img != 0 and vis is not None:
             loss_img = self._image_loss(
                 hidden, text_ids, vis.multiscale, image_tensors_dec, nearest_bos_idxs, image_loss_mask, generator
             )
             total = total + w_img * loss_img
-        return DeemOutput(total, loss_txt, loss_img, loss_sniffer, logits)
+        return DeemOutput(total, loss_txt, loss_img, loss_feedback, logits)
 
     def _image_loss(self, hidden, text_ids, multiscale, images_dec, nearest_bos_idxs, image_loss_mask, generator):
         if images_dec is None:
@@ -288,230 +265,12 @@ class DeemModel(DeemPreTrainedModel):
             cond = torch.where(drop[:, None, None], self.image_decoder.neg_prompt_embeds.to(cond.dtype), cond)
         prev, prev_mask = previous_image_features(multiscale, text_ids, self.special["soi"], nearest_bos_idxs)
         per_pixel = self.diffusion.loss(
-            images_dec, cond, pack_mmfs_features(prev), prev_mask, mode="decoder", generator=generator
+            images_dec, cond, pack_mmfs_features(prev), prev_mask, mode="generation", generator=generator
         )
         sample_mask = (mask.sum(1) > 2).float()  # more context than <s><soi>
         if image_loss_mask is not None:
             sample_mask = sample_mask * image_loss_mask.float().to(sample_mask.device)
-        # Mean over the images that are trained on. The original takes the mean over all images after
-        # masking, so unconditioned images dilute the loss (spec/model.md §14, bug 6).
-        per_image = per_pixel.float().mean(dim=(1, 2, 3))
-        return (per_image * sample_mask).sum() / sample_mask.sum().clamp_min(1.0)
-
-    # ------------------------------------------------------------------ generation
-    def _causal_lm(self) -> LlamaForCausalLM:
-        """A transformers causal LM over our LLM and text head, for `generate` (built once, not registered as
-        a sub-module, so parameters are not listed twice)."""
-        lm = self.__dict__.get("_generation_lm")
-        if lm is None:
-            stem = copy.deepcopy(self.llm.config)
-            stem.num_hidden_layers = 0
-            stem.vocab_size = 1
-            lm = _GenerationLM(stem)
-            lm.model = self.llm
-            lm.lm_head = self.text_head
-            lm.config = self.llm.config
-            lm.eval()
-            self.__dict__["_generation_lm"] = lm
-        return lm
-
-    @torch.no_grad()
-    def generate_texts(
-        self,
-        text_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_tensors: torch.Tensor | None = None,
-        num_image_per_seq: torch.Tensor | None = None,
-        image_tensors_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 30,
-        min_new_tokens: int = 8,
-        num_beams: int = 5,
-        length_penalty: float = 1.0,
-        do_sample: bool = False,
-        top_p: float = 0.9,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        num_return_sequences: int = 1,
-        **_: object,
-    ) -> torch.Tensor:
-        """Continue left-padded prompts (spec/model.md §11.1): beam search (num_beams > 1) or greedy/sampling;
-        stops on `</s>` or `<soi>`. Returns only the generated ids [B * num_return_sequences, T] (pad after the end)."""
-        sp = self.special
-        embeds, _, context = self._embed(text_ids, image_tensors, None, image_tensors_mask, num_image_per_seq, False)
-        expand = num_beams if num_beams > 1 else num_return_sequences
-        if context is not None:
-            context = context.repeat_interleave(expand)
-        gen = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_beams=num_beams,
-            length_penalty=length_penalty,
-            do_sample=do_sample,
-            top_p=top_p if do_sample else None,
-            temperature=temperature if do_sample else None,
-            repetition_penalty=repetition_penalty,
-            num_return_sequences=num_return_sequences,
-            eos_token_id=[sp["eos"], sp["soi"]],
-            pad_token_id=sp["pad"],
-            bos_token_id=sp["bos"],
-            use_cache=True,
-        )
-        lm = self._causal_lm()
-        return lm.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, generation_config=gen, vision_context=context
-        )
-
-    @torch.no_grad()
-    def generate_scores(
-        self,
-        context_ids: list[list[int]],
-        options_ids: list[list[list[int]]],
-        image_tensors: torch.Tensor | None = None,
-        options_per_batch: int = 16,
-    ) -> torch.Tensor:
-        """Log-likelihood (sum over the option's tokens, no length normalisation) of every option after its
-        context (spec/model.md §11.2). context_ids[i]: unpadded ids of sample i (its image tokens included when
-        image_tensors has one image per sample); options_ids[i][k]: option k. The visual tokenizer runs once per
-        sample; options are scored `options_per_batch` at a time. Returns [num_samples, max_options] (-inf where
-        sample i has fewer options)."""
-        sp = self.special
-        device = self.soi_token.device
-        n_opt = max(len(o) for o in options_ids)
-        scores = torch.full((len(context_ids), n_opt), float("-inf"), device=device)
-        for i, (ctx, options) in enumerate(zip(context_ids, options_ids)):
-            visual = None
-            if image_tensors is not None:
-                visual = self.visual_tokenizer(image_tensors[i : i + 1])
-            for first in range(0, len(options), options_per_batch):
-                chunk = options[first : first + options_per_batch]
-                seqs = [list(ctx) + list(opt) for opt in chunk]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), sp["pad"], dtype=torch.long, device=device)
-                att = torch.zeros_like(ids)
-                for k, seq in enumerate(seqs):
-                    ids[k, : len(seq)] = torch.tensor(seq, device=device)
-                    att[k, : len(seq)] = 1
-                per_seq = None
-                repeated = None
-                if visual is not None:
-                    per_seq = torch.ones(len(seqs), dtype=torch.long, device=device)
-                    repeated = VisualTokens(
-                        visual.embeds.expand(len(seqs), -1, -1),
-                        [m.expand(len(seqs), -1, -1, -1) for m in visual.multiscale],
-                        None,
-                    )
-                embeds, _, context = self._embed(ids, None, None, None, per_seq, False, visual=repeated)
-                hidden = self.llm(inputs_embeds=embeds, attention_mask=att, vision_context=context).last_hidden_state
-                logp = self.text_head(hidden).float().log_softmax(-1)
-                start = len(ctx)
-                for k, opt in enumerate(chunk):
-                    pos = torch.arange(start - 1, start - 1 + len(opt), device=device)
-                    tok = torch.tensor(opt, device=device)
-                    scores[i, first + k] = logp[k, pos, tok].sum()
-        return scores
-
-    @torch.no_grad()
-    def generate_images(
-        self,
-        text_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_tensors: torch.Tensor,
-        num_image_per_seq: torch.Tensor,
-        target_image_idxs: list[int] | None = None,
-        nearest_bos_idxs: torch.Tensor | None = None,
-        num_inference_steps: int = 250,
-        guidance_scale: float = 3.5,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Generate the images whose placeholders (a `<soi>` + image tokens, with any image tensor in
-        `image_tensors`) appear in the prompt, conditioned on the text before each (spec/model.md §9.4).
-        Returns [n_targets, 3, H, W] in [0, 1]."""
-        if self.image_decoder is None:
-            raise ValueError("this model has no image decoder (config.image_decoder_resampler is None)")
-        embeds, vis, context = self._embed(text_ids, image_tensors, None, None, num_image_per_seq, False)
-        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, vision_context=context).last_hidden_state
-        ctx, mask = self._context_features(hidden, text_ids, nearest_bos_idxs)
-        cond = self.image_decoder(ctx, mask)
-        prev, prev_mask = previous_image_features(vis.multiscale, text_ids, self.special["soi"], nearest_bos_idxs)
-        idx = list(range(cond.shape[0])) if target_image_idxs is None else list(target_image_idxs)
-        feats = pack_mmfs_features([p[idx] for p in prev])
-        neg = self.image_decoder.neg_prompt_embeds.expand(len(idx), -1, -1)
-        return self.diffusion.generate(
-            cond[idx],
-            neg,
-            feats,
-            prev_mask[idx],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-        )
-
-    # ------------------------------------------------------------------ test-time adaptation
-    @contextlib.contextmanager
-    def test_time_adaptation(
-        self,
-        image_tensors: torch.Tensor,
-        image_tensors_dec: torch.Tensor,
-        image_tensors_mask: torch.Tensor | None = None,
-        steps: int = 5,
-        samples: int = 5,
-        lr: float = 4e-6,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[list[float]]:
-        """Adapt the visual tokenizer to the test images by diffusion feedback, then restore it exactly
-        (spec/model.md §10.3, the intended procedure): `steps` AdamW steps on the sniffer loss with `samples`
-        timesteps per image spread over the schedule (s, s + 1000/samples, ...). Yields the losses;
-        every weight, requires_grad flag and train/eval mode is restored on exit."""
-        if self.diffusion is None:
-            raise ValueError("test-time adaptation needs the diffusion model")
-        tok = self.visual_tokenizer
-        params = [p for p in tok.parameters() if p.is_floating_point()]
-        snapshot = [p.detach().clone() for p in params]
-        flags = [p.requires_grad for p in params]
-        buffers = {n: b.detach().clone() for n, b in tok.named_buffers()}
-        was_training = tok.training
-        losses: list[float] = []
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            tok.train()
-            optimizer = torch.optim.AdamW([{"params": [p]} for p in params], lr=lr)
-            n = image_tensors.shape[0]
-            stride = self.diffusion.num_train_timesteps // samples
-            images = image_tensors.repeat_interleave(samples, 0)
-            images_dec = image_tensors_dec.repeat_interleave(samples, 0)
-            masks = None if image_tensors_mask is None else image_tensors_mask.repeat_interleave(samples, 0)
-            with torch.enable_grad():
-                for _ in range(steps):
-                    start = int(torch.randint(0, stride, (1,), generator=generator))
-                    t = (start + stride * torch.arange(samples)).repeat(n).to(images.device)
-                    loss = self._tta_loss(images, images_dec, masks, t, generator)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-            yield losses
-        finally:
-            with torch.no_grad():
-                for p, saved, flag in zip(params, snapshot, flags):
-                    p.copy_(saved)
-                    p.grad = None
-                    p.requires_grad_(flag)
-                for name, b in tok.named_buffers():
-                    b.copy_(buffers[name])
-            tok.train(was_training)
-
-    def _tta_loss(self, images, images_dec, masks, timesteps, generator):
-        tok = self.visual_tokenizer
-        out = tok.sniffer(images)
-        tokens = tok.post_ln(tok.pos_ln(tok.pos_proj(out.tokens)) + out.token_pos)
-        queries = tok.perceiver_resampler(tokens)
-        feats = tok.diffusion_features(out.multiscale, masks)
-        ones = torch.ones(images.shape[0], 1, dtype=torch.long, device=images.device)
-        per_pixel = self.diffusion.loss(
-            images_dec, tok.proj_i(queries), feats, ones, mode="encoder", timesteps=timesteps, generator=generator
-        )
-        return self.diffusion.sniffer_loss(per_pixel, masks)
+        return generation_loss(per_pixel, sample_mask)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -520,7 +279,7 @@ class DeemModel(DeemPreTrainedModel):
         config: DeemConfig,
         llm_path: str | Path | None = None,
         diffusion_path: str | Path | None = None,
-        sniffer_checkpoint: str | Path | None = None,
+        image_encoder_checkpoint: str | Path | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[DeemModel, list]:
         """Build the model from the real component checkpoints (offline, local paths): a HF LLaMA/Vicuna
@@ -544,8 +303,8 @@ class DeemModel(DeemPreTrainedModel):
         reports = []
         if llm_path is not None:
             reports.append(load_llama(model, llm_path, generator))
-        if sniffer_checkpoint is not None:
-            reports.append(model.visual_tokenizer.sniffer.load_open_clip(sniffer_checkpoint))
+        if image_encoder_checkpoint is not None:
+            reports.append(model.visual_tokenizer.image_encoder.load_open_clip(image_encoder_checkpoint))
         has_text_encoder = diffusion_path is not None and (Path(diffusion_path) / "text_encoder").is_dir()
         if has_text_encoder and model.image_decoder is not None:
             neg_param = model.image_decoder.neg_prompt_embeds

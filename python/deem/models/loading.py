@@ -22,22 +22,12 @@ from pathlib import Path
 
 import torch
 
-from deem.models.weights import (
-    INDEX_FILES,
-    WEIGHT_FILES,
-    CheckpointError,
-    LoadReport,
-    Remapped,
-    load_weights,
-    matches,
-    read_state_dict,
-)
+from deem.models.weights import CheckpointError, LoadReport, Remapped, load_weights, matches, read_state_dict
 
-__all__ = [
-    "INDEX_FILES", "MM_INTERLEAVED_KEY_MAP", "ORIGINAL_KEY_MAP", "WEIGHT_FILES", "CheckpointError", "LoadReport",
-    "OriginalLayout", "Remapped", "detect_original_layout", "hf_llama_filter", "load_llama",
-    "load_original_checkpoint", "load_weights", "original_checkpoint_filter", "read_state_dict",
-]
+# CheckpointError, LoadReport and read_state_dict are re-exported: their home is deem.models.weights
+__all__ = ["MM_INTERLEAVED_KEY_MAP", "ORIGINAL_KEY_MAP", "CheckpointError", "LoadReport", "OriginalLayout",
+           "detect_original_layout", "hf_llama_filter", "load_llama", "load_original_checkpoint",
+           "original_checkpoint_filter", "read_state_dict"]
 
 
 def _check_rope(model, key: str, value: torch.Tensor, source: str) -> None:
@@ -127,9 +117,10 @@ _COMMON: list[tuple[str, str | None]] = [
     ("mm_decoder.", "llm."),
     ("text_decoder.head_new.", "text_head.head_new."),
     ("text_decoder.head.", "text_head.head."),
-    ("visual_tokenizer.pos_embed", "visual_tokenizer.sniffer.pos_embed"),  # a frozen Parameter there, a buffer here
-    ("visual_tokenizer.clip_mean", "visual_tokenizer.sniffer.clip_mean"),  # persistent buffers of the tokenizer
-    ("visual_tokenizer.clip_std", "visual_tokenizer.sniffer.clip_std"),
+    # the image encoder's position table (a frozen Parameter there, a buffer here) and persistent buffers
+    ("visual_tokenizer.pos_embed", "visual_tokenizer.image_encoder.pos_embed"),
+    ("visual_tokenizer.clip_mean", "visual_tokenizer.image_encoder.clip_mean"),
+    ("visual_tokenizer.clip_std", "visual_tokenizer.image_encoder.clip_std"),
     *_same("visual_tokenizer.", _SAME_TOKENIZER),
 ]
 _TAIL: list[tuple[str, str | None]] = [
@@ -140,9 +131,10 @@ _TAIL: list[tuple[str, str | None]] = [
 
 ORIGINAL_KEY_MAP: list[tuple[str, str | None]] = [
     *_COMMON,
-    (_CONVNEXT + "visual.trunk.", "visual_tokenizer.sniffer.trunk."),
+    (_CONVNEXT + "visual.trunk.", "visual_tokenizer.image_encoder.trunk."),
     (_CONVNEXT + "visual.head.", None),
-    *((f"{_CONVNEXT}adapter_{n}.", f"visual_tokenizer.sniffer.adapter_{n}.") for n in ("c2", "c3", "c4", "c5", "cls")),
+    *((f"{_CONVNEXT}adapter_{n}.", f"visual_tokenizer.image_encoder.adapter_{n}.")
+      for n in ("c2", "c3", "c4", "c5", "cls")),
     *_same("visual_tokenizer.", ("proj_t.", "proj_i.", "feature_extractor.mask_linear.",
                                  "feature_extractor.mask_feat_linear.")),
     *((f"visual_tokenizer.encoder.{m}.", f"diffusion.{m}.") for m in _SD_MODULES),
@@ -168,13 +160,13 @@ DROPPED = {_CONVNEXT + "visual.head.": "the open_clip projection head, which DEE
 # our prefixes of modules the original always creates but deem builds only with the diffusion model / image
 # decoder: consumed, with a note, when the target configuration (sft_referring) does not build them
 BUILT_WITH_DIFFUSION = {
-    "visual_tokenizer.proj_i.": "the sniffer's projection to the diffusion model",
+    "visual_tokenizer.proj_i.": "the visual tokenizer's projection to the diffusion model",
     "context_feat_proj.": "the image decoder's context projection",
 }
 _VIT_SNIFFER = ("DEEM's CLIP-ViT + ViT-Adapter sniffer (the 'openai' sniffer path), which deem does not implement "
-                "(deem's sniffer is the ConvNeXt)")
+                "(deem's image encoder is the ConvNeXt)")
 _VIT_ENCODER = ("MM-Interleaved's CLIP-ViT-L/14 + ViT-Adapter image encoder, which deem does not implement (deem's "
-                "image encoder is the ConvNeXt sniffer)")
+                "image encoder is the ConvNeXt)")
 ROPE_KEY = "mm_decoder.layers.*.self_attn.rotary_emb.inv_freq"  # persistent in transformers 4.31's LLaMA
 
 
@@ -196,7 +188,7 @@ def detect_original_layout(keys, source: str = "<state dict>") -> OriginalLayout
         return any(k.startswith(prefix) for k in keys)
 
     if has(_CONVNEXT + "visual.trunk."):
-        parts = ["ConvNeXt sniffer"]
+        parts = ["ConvNeXt image encoder"]
         parts.append("SD feedback" if has("visual_tokenizer.encoder.") else "no diffusion model")
         if has("image_decoder."):
             parts.append("image decoder")

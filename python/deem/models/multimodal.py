@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from deem.tokens import IGNORE_INDEX
 
 
 def scatter_image_embeddings(
@@ -81,15 +81,6 @@ def pack_image_features(levels: list[torch.Tensor], num_image_per_seq: torch.Ten
         out[b, :n] = flat[start : start + n]
         start += n
     return out
-
-
-def sincos_1d(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[length, dim] 1-D sin-cos code: first half sin, second half cos, omega_k = 10000^(-k/(dim/2))."""
-    half = dim // 2
-    omega = torch.arange(half, dtype=torch.float64) / half
-    omega = 1.0 / 10000**omega
-    pos = torch.arange(length, dtype=torch.float64)[:, None] * omega[None, :]
-    return torch.cat([pos.sin(), pos.cos()], dim=1).to(device=device, dtype=dtype)
 
 
 def image_context(

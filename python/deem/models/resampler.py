@@ -96,7 +96,7 @@ class QFormerConfig:
         )
 
     @classmethod
-    def sniffer_7b(cls, **overrides: object) -> QFormerConfig:
+    def visual_tokenizer_7b(cls, **overrides: object) -> QFormerConfig:
         """``visual_tokenizer.perceiver_resampler``: 12 layers, 768 wide, qk-norm, dropout 0.1."""
         return dataclasses.replace(cls(), **overrides)
 
@@ -115,8 +115,8 @@ class QFormerConfig:
         return dataclasses.replace(base, **overrides)
 
     @classmethod
-    def tiny_sniffer(cls, **overrides: object) -> QFormerConfig:
-        """Tiny sniffer-like Q-Former (qk-norm, cross every 2 layers)."""
+    def tiny_visual_tokenizer(cls, **overrides: object) -> QFormerConfig:
+        """Tiny visual-tokenizer Q-Former (qk-norm, cross every 2 layers)."""
         base = cls(num_layers=3, hidden=32, heads=4, encoder_width=24, intermediate=64, num_queries=5)
         return dataclasses.replace(base, **overrides)
 
@@ -213,7 +213,7 @@ class PerceiverResampler(nn.Module):
 
     def __init__(self, config: QFormerConfig | None = None) -> None:
         super().__init__()
-        self.config = config = config or QFormerConfig.sniffer_7b()
+        self.config = config = config or QFormerConfig.visual_tokenizer_7b()
         self.blip2qformer = Blip2QFormerModel(config.to_hf())
         for layer in self.blip2qformer.encoder.layer:
             layer.attention.attention = QKNormQFormerAttention.replacing(

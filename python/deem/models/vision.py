@@ -1,11 +1,11 @@
-"""The DEEM vision encoder ("sniffer"): a ConvNeXt trunk with per-stage adapters (spec/model.md §2).
+"""The DEEM image encoder (the original's "sniffer"): a ConvNeXt trunk with per-stage adapters (spec/model.md §2).
 
 The trunk is timm's :class:`timm.models.convnext.ConvNeXt`, built directly (no open_clip wrapper and no
 unused projection head). Four Linear adapters, applied channels-last, map the stage outputs to a common
 width; a fifth maps the pooled + LayerNorm'ed last stage to a CLS vector. A frozen 2-D sin-cos table
 (row code first) gives the positions, resized bicubically for inputs other than the table's resolution.
 
-Parameter names (relative to the sniffer) and the original checkpoint's names:
+Parameter names (relative to the image encoder) and the original checkpoint's names:
 
 =========================  ==========================================================================
 ours                       original (``MMInterleaved`` state dict)
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.convnext import ConvNeXt
 from torch import nn
 from transformers.utils import ModelOutput
 
+from deem.models.positions import get_abs_pos, sincos_pos_embed_2d
 from deem.models.weights import LoadReport, Remapped, load_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,87 +48,13 @@ TRUNK_STRIDE = 32
 
 
 # ------------------------------------------------------------------------------------------------
-# Positional tables
-# ------------------------------------------------------------------------------------------------
-
-
-def sincos_pos_embed_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """1-D sin-cos code: ``[sin(p·ω_k), cos(p·ω_k)]`` with ``ω_k = 10000^(−k/(dim/2))``, k < dim/2.
-
-    positions [M] -> [M, dim] (float64 math, float32 result).
-    """
-    if dim % 2 != 0:
-        raise ValueError(f"sincos_pos_embed_1d: dim={dim} must be even")
-    k = torch.arange(dim // 2, dtype=torch.float64, device=positions.device)
-    omega = 1.0 / 10000.0 ** (k / (dim / 2))
-    angles = positions.to(torch.float64)[:, None] * omega[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
-
-
-def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = False) -> torch.Tensor:
-    """2-D sin-cos table for a ``grid``×``grid`` grid, flattened row-major.
-
-    For cell (row r, col c) the first ``dim/2`` channels are the 1-D code of r and the last ``dim/2``
-    the code of c (row code first, unlike the MAE reference). With ``cls_token`` a zero row is
-    prepended. Returns ``[grid² (+1), dim]`` float32.
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"sincos_pos_embed_2d: dim={dim} must be divisible by 4")
-    if grid < 1:
-        raise ValueError(f"sincos_pos_embed_2d: grid={grid} must be >= 1")
-    idx = torch.arange(grid, dtype=torch.float64)
-    rows = idx.repeat_interleave(grid)  # r for cell r*grid + c
-    cols = idx.repeat(grid)  # c
-    table = torch.cat([sincos_pos_embed_1d(dim // 2, rows), sincos_pos_embed_1d(dim // 2, cols)], dim=1)
-    if cls_token:
-        table = torch.cat([table.new_zeros(1, dim), table], dim=0)
-    return table
-
-
-def _table_grid(rows: int) -> tuple[int, bool]:
-    """(grid side, has CLS row) of a table with ``rows`` rows: a square, or a square plus one."""
-    side = math.isqrt(rows)
-    if side * side == rows and rows > 0:
-        return side, False
-    side = math.isqrt(rows - 1) if rows > 1 else 0
-    if side > 0 and side * side == rows - 1:
-        return side, True
-    raise ValueError(f"get_abs_pos: table has {rows} rows, neither a square nor a square plus a CLS row")
-
-
-def get_abs_pos(table: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Resize a square position table to ``n_tokens`` rows.
-
-    ``table`` is ``[g², D]`` or ``[1 + g², D]`` (CLS row first, kept as is). If the target grid side
-    differs from ``g``, the grid part is interpolated bicubically (align_corners=False, in float32) and
-    cast back; the sin-cos code is not recomputed. Returns ``[n_tokens, D]``.
-    """
-    if table.dim() != 2:
-        raise ValueError(f"get_abs_pos: table must be [rows, dim], got shape {tuple(table.shape)}")
-    side, has_cls = _table_grid(table.shape[0])
-    n_grid = n_tokens - 1 if has_cls else n_tokens
-    tgt = math.isqrt(max(n_grid, 0))
-    if n_grid < 1 or tgt * tgt != n_grid:
-        what = "1 + a square" if has_cls else "a square"
-        raise ValueError(f"get_abs_pos: n_tokens={n_tokens} must be {what} for a table of {table.shape[0]} rows")
-    if tgt == side:
-        return table
-    dim = table.shape[1]
-    grid = table[1:] if has_cls else table
-    grid = grid.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(tgt * tgt, dim).to(table.dtype)
-    return torch.cat([table[:1], grid], dim=0) if has_cls else grid
-
-
-# ------------------------------------------------------------------------------------------------
 # Config and module
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class SnifferConfig:
-    """Hyper-parameters of :class:`ConvNeXtSniffer`.
+class ImageEncoderConfig:
+    """Hyper-parameters of :class:`ImageEncoder`.
 
     Args:
         depths, dims: ConvNeXt blocks and widths per stage (4 stages).
@@ -159,22 +85,24 @@ class SnifferConfig:
         self.clip_mean = tuple(float(v) for v in self.clip_mean)
         self.clip_std = tuple(float(v) for v in self.clip_std)
         if len(self.depths) != 4 or len(self.dims) != 4:
-            raise ValueError(f"SnifferConfig: depths {self.depths} and dims {self.dims} must have 4 stages each")
+            raise ValueError(f"ImageEncoderConfig: depths {self.depths} and dims {self.dims} must have 4 stages each")
         if self.out_dim % 4 != 0:
-            raise ValueError(f"SnifferConfig: out_dim={self.out_dim} must be divisible by 4 (2-D sin-cos table)")
+            raise ValueError(f"ImageEncoderConfig: out_dim={self.out_dim} must be divisible by 4 (2-D sin-cos table)")
         if self.image_size % (2 * TOKEN_STRIDE) != 0:
-            raise ValueError(f"SnifferConfig: image_size={self.image_size} must be a multiple of {2 * TOKEN_STRIDE}")
+            raise ValueError(f"ImageEncoderConfig: image_size={self.image_size} must be a multiple of "
+                             f"{2 * TOKEN_STRIDE}")
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"SnifferConfig: drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+            raise ValueError(f"ImageEncoderConfig: drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
     @classmethod
-    def convnext_base(cls, **overrides: object) -> SnifferConfig:
-        """ConvNeXt-B as in open_clip ``convnext_base_w_320`` (the DEEM 7B sniffer)."""
+    def convnext_base(cls, **overrides: object) -> ImageEncoderConfig:
+        """ConvNeXt-B as in open_clip ``convnext_base_w_320`` (the DEEM 7B image encoder)."""
         return dataclasses.replace(cls(), **overrides)
 
     @classmethod
-    def tiny(cls, image_size: int = 64, **overrides: object) -> SnifferConfig:
-        """A ~70K-parameter sniffer (out_dim 32) running the same code in milliseconds; pos_grid = image_size // 16."""
+    def tiny(cls, image_size: int = 64, **overrides: object) -> ImageEncoderConfig:
+        """A ~70K-parameter image encoder (out_dim 32) running the same code in milliseconds;
+        pos_grid = image_size // 16."""
         base = cls(
             depths=(1, 1, 1, 1),
             dims=(8, 16, 32, 64),
@@ -186,8 +114,8 @@ class SnifferConfig:
 
 
 @dataclass
-class SnifferOutput(ModelOutput):
-    """What :meth:`ConvNeXtSniffer.forward` returns.
+class ImageEncoderOutput(ModelOutput):
+    """What :meth:`ImageEncoder.forward` returns.
 
     Attributes:
         tokens: ``T = [cls; flattened adapted stage-2 map]`` ``[B, 1 + g², D]`` **without** positions:
@@ -210,7 +138,7 @@ class SnifferOutput(ModelOutput):
         return math.isqrt(self.tokens.shape[1] - 1)
 
 
-class ConvNeXtSniffer(nn.Module):
+class ImageEncoder(nn.Module):
     """ConvNeXt trunk + stage adapters + frozen sin-cos positions (spec §2).
 
     ``pos_embed`` is a **persistent buffer** ``[1 + pos_grid², out_dim]`` (not a Parameter): it is
@@ -218,9 +146,9 @@ class ConvNeXtSniffer(nn.Module):
     it) but never appears in ``parameters()``. ``clip_mean``/``clip_std`` are persistent buffers too.
     """
 
-    def __init__(self, config: SnifferConfig | None = None) -> None:
+    def __init__(self, config: ImageEncoderConfig | None = None) -> None:
         super().__init__()
-        self.config = config = config or SnifferConfig.convnext_base()
+        self.config = config = config or ImageEncoderConfig.convnext_base()
         self.trunk = ConvNeXt(
             num_classes=0,
             depths=config.depths,
@@ -284,24 +212,24 @@ class ConvNeXtSniffer(nn.Module):
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         if pixels.dim() != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"ConvNeXtSniffer: pixels must be [B, 3, R, R], got shape {tuple(pixels.shape)}")
+            raise ValueError(f"ImageEncoder: pixels must be [B, 3, R, R], got shape {tuple(pixels.shape)}")
         h, w = pixels.shape[-2:]
         if h != w or h % TRUNK_STRIDE != 0:
             raise ValueError(
-                f"ConvNeXtSniffer: pixels must be square with a side divisible by {TRUNK_STRIDE} "
+                f"ImageEncoder: pixels must be square with a side divisible by {TRUNK_STRIDE} "
                 f"(e.g. 256 or 448), got {h}x{w}"
             )
 
     def map_pos(self, h: int, w: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Position map ``[D, h, w]`` added to an ``h``×``w`` feature map (square maps only)."""
         if h != w:
-            raise ValueError(f"ConvNeXtSniffer.map_pos: maps are square, got {h}x{w}")
+            raise ValueError(f"ImageEncoder.map_pos: maps are square, got {h}x{w}")
         pos = get_abs_pos(self.pos_embed[1:], h * w)
         pos = pos.t().reshape(-1, h, w)  # "(h w) c -> c h w"
         return pos if dtype is None else pos.to(dtype)
 
-    def forward(self, pixels: torch.Tensor) -> SnifferOutput:
-        """pixels ``[B, 3, R, R]`` in [0, 1] (R a multiple of 32) -> :class:`SnifferOutput`."""
+    def forward(self, pixels: torch.Tensor) -> ImageEncoderOutput:
+        """pixels ``[B, 3, R, R]`` in [0, 1] (R a multiple of 32) -> :class:`ImageEncoderOutput`."""
         self._check_pixels(pixels)
         x = (pixels - self.clip_mean) / self.clip_std
         x = self.trunk.stem(x.to(self.trunk.stem[0].weight.dtype))
@@ -316,7 +244,7 @@ class ConvNeXtSniffer(nn.Module):
         tokens = torch.cat([cls[:, None], token_map.flatten(2).transpose(1, 2)], dim=1)
         token_pos = get_abs_pos(self.pos_embed, tokens.shape[1]).to(tokens.dtype)
         multiscale = [m + self.map_pos(m.shape[-2], m.shape[-1], m.dtype) for m in maps]
-        return SnifferOutput(tokens=tokens, token_pos=token_pos, multiscale=multiscale, cls=cls)
+        return ImageEncoderOutput(tokens=tokens, token_pos=token_pos, multiscale=multiscale, cls=cls)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -397,14 +325,14 @@ def open_clip_convnext_filter(trunk_state: Mapping[str, torch.Tensor], trunk: Co
 
 
 def load_open_clip_convnext(
-    target: ConvNeXtSniffer | ConvNeXt,
+    target: ImageEncoder | ConvNeXt,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     strict: bool = True,
 ) -> LoadReport:
     """Load the ``visual.trunk.*`` weights of an open_clip ConvNeXt checkpoint into a timm trunk.
 
     Args:
-        target: a :class:`ConvNeXtSniffer` (its ``trunk`` is loaded) or a timm ``ConvNeXt``.
+        target: a :class:`ImageEncoder` (its ``trunk`` is loaded) or a timm ``ConvNeXt``.
         source: ``open_clip_pytorch_model.bin`` (read with ``weights_only=True``), a ``.safetensors``
             file (only the trunk tensors are read), a directory holding one of them, or a state dict.
         strict: raise if trunk keys are missing or unexpected (they are always reported).
@@ -414,7 +342,7 @@ def load_open_clip_convnext(
     ``ignored``. The report's key names are the trunk's (without ``visual.trunk.``). Raises ``ValueError``
     naming the source and the keys when no trunk key exists or shapes disagree.
     """
-    trunk_module = target.trunk if isinstance(target, ConvNeXtSniffer) else target
+    trunk_module = target.trunk if isinstance(target, ImageEncoder) else target
     if isinstance(source, Mapping):
         name = "<state dict>"
         state = _unwrap_state_dict(source)

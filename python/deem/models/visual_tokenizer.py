@@ -1,6 +1,9 @@
-"""The visual tokenizer (spec/model.md §3): sniffer → position-augmented tokens → Q-Former →
-image embeddings for the LLM (`proj_t`) and conditioning for the diffusion model (`proj_i`), plus the
-DEEM "sniffer" loss: the diffusion model's denoising error when conditioned on the sniffer's view."""
+"""The visual tokenizer (spec/model.md §3): image encoder → position-augmented tokens (patches outside a region mask
+zeroed) → Q-Former → image embeddings for the LLM (`proj_t`) and conditioning for the diffusion model (`proj_i`),
+plus the DEEM feedback loss: the diffusion model's denoising error when conditioned on the image encoder's view.
+
+Training (`forward(..., feedback_loss=True)`) and test-time adaptation both compute that loss with
+`VisualTokenizer.feedback_loss` on the output of `VisualTokenizer.encode`, so both see the same tokens."""
 
 from __future__ import annotations
 
@@ -10,31 +13,41 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, pack_mmfs_features
+from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, losses, pack_mmfs_features
 from deem.models.mask_pooling import MaskPooling, binary_mask_like
 from deem.models.resampler import PerceiverResampler, QFormerConfig
-from deem.models.vision import ConvNeXtSniffer, SnifferConfig
+from deem.models.vision import ImageEncoder, ImageEncoderConfig
 
 
 @dataclass
 class VisualTokens(ModelOutput):
     embeds: torch.Tensor  # [B_I, n_tokens, llm_hidden]
     multiscale: list[torch.Tensor] | None = None  # 4 pos-augmented maps [B_I, C, H_l, W_l] (unmasked)
-    loss_sniffer: torch.Tensor | None = None  # scalar, when computed
+    loss_feedback: torch.Tensor | None = None  # scalar, when computed
+
+
+@dataclass
+class EncodedImages:
+    """What `VisualTokenizer.encode` returns: the Q-Former outputs [B_I, n_tokens, hidden] and the image encoder's
+    4 pos-augmented maps (unmasked), together with the region masks they were computed with."""
+
+    queries: torch.Tensor
+    multiscale: list[torch.Tensor]
+    masks: torch.Tensor | None
 
 
 class VisualTokenizer(nn.Module):
     def __init__(
         self,
-        sniffer: SnifferConfig,
+        image_encoder: ImageEncoderConfig,
         resampler: QFormerConfig,
         llm_hidden: int,
         diffusion_context_dim: int | None,
         mask_pooling: dict | None = None,
     ) -> None:
         super().__init__()
-        width = sniffer.out_dim
-        self.sniffer = ConvNeXtSniffer(sniffer)
+        width = image_encoder.out_dim
+        self.image_encoder = ImageEncoder(image_encoder)
         self.pos_proj = nn.Linear(width, width)
         self.pos_ln = nn.LayerNorm(width, eps=1e-6)
         self.post_ln = nn.LayerNorm(width, eps=1e-6)
@@ -52,18 +65,10 @@ class VisualTokenizer(nn.Module):
                 nn.init.normal_(proj.weight, std=1e-3)
                 nn.init.zeros_(proj.bias)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        images_dec: torch.Tensor | None = None,
-        masks: torch.Tensor | None = None,
-        diffusion: DiffusionFeedback | None = None,
-        sniffer_loss: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> VisualTokens:
-        """images [B_I, 3, R, R] in [0, 1]; images_dec [B_I, 3, 512, 512] (diffusion view); masks [B_I, 1, R, R]
-        region masks (None: whole images). With `sniffer_loss` the diffusion model scores the conditioning."""
-        out = self.sniffer(images)
+    def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> EncodedImages:
+        """images [B_I, 3, R, R] in [0, 1]; masks [B_I, 1, R, R] region masks (None: whole images). The patch
+        tokens outside a region are zeroed before the Q-Former; with mask pooling its region tokens lead."""
+        out = self.image_encoder(images)
         tokens = self.pos_ln(self.pos_proj(out.tokens)) + out.token_pos
         if masks is not None:
             g = out.grid
@@ -74,18 +79,41 @@ class VisualTokenizer(nn.Module):
         if self.feature_extractor is not None:
             region = masks if masks is not None else images.new_ones(images.shape[0], 1, *images.shape[-2:])
             tokens = torch.cat([self.feature_extractor(out.multiscale, region).to(tokens.dtype), tokens], dim=1)
-        queries = self.perceiver_resampler(tokens)
-        loss = None
-        if sniffer_loss:
-            if diffusion is None or self.proj_i is None or images_dec is None:
-                raise ValueError("the sniffer loss needs the diffusion model, proj_i and the diffusion view images_dec")
-            feats = self.diffusion_features(out.multiscale, masks)
-            ones = torch.ones(images.shape[0], 1, device=images.device, dtype=torch.long)
-            per_pixel = diffusion.loss(
-                images_dec, self.proj_i(queries), feats, ones, mode="encoder", generator=generator
-            )
-            loss = diffusion.sniffer_loss(per_pixel, masks)
-        return VisualTokens(self.proj_t(queries), out.multiscale, loss)
+        return EncodedImages(self.perceiver_resampler(tokens), out.multiscale, masks)
+
+    def feedback_loss(
+        self,
+        encoded: EncodedImages,
+        images_dec: torch.Tensor | None,
+        diffusion: DiffusionFeedback | None,
+        timesteps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The DEEM loss (spec/model.md §8.5): the diffusion model's masked denoising error on the diffusion view
+        `images_dec` [B_I, 3, 512, 512], conditioned on `proj_i` of the queries and (through the MMFSNet) on the
+        region-masked maps. `timesteps` [B_I] before the feedback remap; None: drawn uniformly."""
+        if diffusion is None or self.proj_i is None or images_dec is None:
+            raise ValueError("the feedback loss needs the diffusion model, proj_i and the diffusion view images_dec")
+        feats = self.diffusion_features(encoded.multiscale, encoded.masks)
+        n = encoded.queries.shape[0]
+        ones = torch.ones(n, 1, device=encoded.queries.device, dtype=torch.long)
+        per_pixel = diffusion.loss(images_dec, self.proj_i(encoded.queries), feats, ones, mode="feedback",
+                                   timesteps=timesteps, generator=generator)
+        return losses.feedback_loss(per_pixel, encoded.masks)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        images_dec: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        diffusion: DiffusionFeedback | None = None,
+        feedback_loss: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> VisualTokens:
+        """The image embeddings of `encode`; with `feedback_loss` also the loss of `feedback_loss`."""
+        encoded = self.encode(images, masks)
+        loss = self.feedback_loss(encoded, images_dec, diffusion, generator=generator) if feedback_loss else None
+        return VisualTokens(self.proj_t(encoded.queries), encoded.multiscale, loss)
 
     @staticmethod
     def diffusion_features(multiscale: list[torch.Tensor], masks: torch.Tensor | None) -> MMFSFeatures:
@@ -95,4 +123,4 @@ class VisualTokenizer(nn.Module):
 
     def set_trainable(self, freeze_trunk: bool) -> None:
         self.requires_grad_(True)
-        self.sniffer.set_trunk_frozen(freeze_trunk)
+        self.image_encoder.set_trunk_frozen(freeze_trunk)

@@ -8,46 +8,26 @@ from typing import Any
 
 from deem.data.tokenizer import DeemTokenizer
 from deem.errors import ConfigError
-from deem.models import STAGES, DeemConfig, DeemModel, deem_7b, tiny, with_stage
+from deem.models import PRESETS, STAGES, DeemConfig, DeemModel, create_config, with_stage
+from deem.models.config import check_token_layout
 from deem.models.weights import CheckpointError, load_weights, read_state_dict
 
 
-def tiny_config_for(tokenizer: DeemTokenizer, image_size: int) -> DeemConfig:
-    sp = tokenizer.special
-    special = {
-        "bos": sp.bos_id,
-        "eos": sp.eos_id,
-        "pad": sp.pad_id,
-        "soi": sp.soi_id,
-        "image": sp.image_id,
-        "ref": sp.ref_id,
-        "/ref": sp.ref_end_id,
-        "box": sp.box_id,
-        "/box": sp.box_end_id,
-    }
-    return tiny(
-        vocab_size=tokenizer.vocab_size,
-        num_img_token=tokenizer.num_img_token,
-        special_tokens=special,
-        image_size=image_size,
-    )
-
-
 def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
-    if section.preset == "tiny":
-        cfg = tiny_config_for(tokenizer, section.image_size or 32)
-    elif section.preset == "deem_7b":
-        cfg = deem_7b()
+    image_size = section.image_size
+    if section.preset in PRESETS:
+        cfg = create_config(section.preset, tokens=tokenizer.layout, image_size=image_size)
+        image_size = None  # the preset is built at that size
     elif (Path(section.preset) / "config.json").is_file():  # a saved model's architecture (its weights: init_from)
         cfg = DeemConfig.from_pretrained(section.preset)
     else:
         raise ConfigError(
-            f"model.preset must be 'tiny', 'deem_7b' or a saved model directory (with config.json), got "
+            f"model.preset must be one of {sorted(PRESETS)} or a saved model directory (with config.json), got "
             f"{section.preset!r}"
         )
     if section.stage not in STAGES:
         raise ConfigError(f"model.stage: unknown stage {section.stage!r}; expected one of {list(STAGES)}")
-    cfg = with_stage(cfg, section.stage, image_size=section.image_size if section.preset != "tiny" else None)
+    cfg = with_stage(cfg, section.stage, image_size=image_size)
     for key, value in section.overrides.items():
         if not hasattr(cfg, key):
             raise ConfigError(f"model.overrides: DeemConfig has no attribute {key!r}")
@@ -56,17 +36,7 @@ def model_config(section, tokenizer: DeemTokenizer) -> DeemConfig:
         cfg._validate()
     except ConfigError as err:
         raise ConfigError(f"model.overrides {section.overrides}: {err}" if section.overrides else str(err)) from err
-    if cfg.special_tokens != tokenizer.special.as_dict():
-        raise ConfigError(
-            f"the model's special-token ids {cfg.special_tokens} differ from the tokenizer's "
-            f"{tokenizer.special.as_dict()}: the {section.preset} preset needs a tokenizer with its id layout"
-        )
-    if tokenizer.vocab_size > cfg.text_vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {cfg.text_vocab_size}")
-    if cfg.num_img_token != tokenizer.num_img_token:
-        raise ConfigError(
-            f"the model takes {cfg.num_img_token} image tokens, the tokenizer writes {tokenizer.num_img_token}"
-        )
+    check_token_layout(cfg, tokenizer.layout, f"the {section.preset} preset")
     return cfg
 
 
@@ -91,9 +61,9 @@ def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[st
         cfg.llm_gradient_checkpointing = train_cfg.run.gradient_checkpointing
     report: dict[str, Any] = {}
     if section.components:
-        unknown = set(section.components) - {"llm", "diffusion", "sniffer"}
+        unknown = set(section.components) - {"llm", "diffusion", "image_encoder"}
         if unknown:
-            raise ConfigError(f"model.components: unknown keys {sorted(unknown)} (llm, diffusion, sniffer)")
+            raise ConfigError(f"model.components: unknown keys {sorted(unknown)} (llm, diffusion, image_encoder)")
         for key, path in section.components.items():
             if not Path(path).exists():
                 raise ConfigError(f"model.components.{key}: {path} does not exist")
@@ -101,7 +71,7 @@ def build_model(train_cfg, tokenizer: DeemTokenizer) -> tuple[DeemModel, dict[st
             cfg,
             llm_path=section.components.get("llm"),
             diffusion_path=section.components.get("diffusion"),
-            sniffer_checkpoint=section.components.get("sniffer"),
+            image_encoder_checkpoint=section.components.get("image_encoder"),
         )
         report["components"] = [getattr(r, "summary", lambda r=r: str(r))() for r in reports]
     else:

@@ -20,7 +20,7 @@ class ModelSection:
     preset: str = "tiny"  # deem_7b | tiny | a saved model directory
     stage: str = "pretrain_deem"
     image_size: int | None = None
-    components: dict[str, str] = field(default_factory=dict)  # llm / diffusion / sniffer paths (first stage)
+    components: dict[str, str] = field(default_factory=dict)  # llm / diffusion / image_encoder paths (first stage)
     overrides: dict[str, Any] = field(default_factory=dict)  # DeemConfig attributes
 
 

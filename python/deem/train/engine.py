@@ -188,11 +188,9 @@ class Trainer:
         micro-batches: each micro-batch's loss is its target sum / (all targets of the step / (ranks x
         micro-batches)), which the gradient averaging over ranks and the 1/micro-batches scaling turn into the
         global token mean. The targets are counted here, from the labels (torchtitan's `global_valid_tokens`)."""
-        unwrapped = self.acc.unwrap_model(self.model)
         # a micro-batch that trains no text (text weight 0) has no targets that count
-        local = sum(num_text_targets(unwrapped.text_labels(b["text_ids"], b.get("attention_mask"),
-                                                           b.get("gt_text_ids")))
-                    for b in micro_batches if b.get("loss_txt_weight") is None or float(b["loss_txt_weight"]) != 0)
+        local = sum(num_text_targets(b["gt_text_ids"]) for b in micro_batches
+                    if b.get("loss_txt_weight") is None or float(b["loss_txt_weight"]) != 0)
         total = torch.tensor([float(local)], device=self.acc.device, dtype=torch.float64)
         if self.acc.num_processes > 1:
             total = self.acc.reduce(total, reduction="sum")

@@ -45,7 +45,7 @@ def build_accelerator(cfg: TrainConfig) -> tuple[Any, bool]:
         mixed_precision=PRECISION[cfg.run.precision],
         deepspeed_plugin=plugin,
         cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, gloo) need accelerate's CPU mode
-        # which losses a batch has (image generation, sniffer) varies: some trainable modules sit out a step
+        # which losses a batch has (image generation, feedback) varies: some trainable modules sit out a step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     return acc, plugin is not None
