@@ -9,8 +9,10 @@ import torch
 import yaml
 
 from deem.configs import SYNTH_DATA, SYNTH_EVAL
+from deem.data.labels import build_labels
 from deem.data.synth import Scene, Shape, questions_for, random_scene
 from deem.models import DeemModel, tiny, with_stage
+from deem.tokens import SpecialTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,9 +20,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _caption_batch(cfg, text_weight: float) -> dict:
     sp = cfg.special_tokens
     ids = [sp["bos"], 10, 11, sp["soi"], *[sp["image"]] * cfg.num_img_token, 20, 21, sp["eos"]]
-    size = cfg.sniffer["image_size"]
+    size = cfg.image_encoder["image_size"]
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return dict(text_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    text_ids, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+    labels = build_labels(text_ids, mask, mask.bool(), SpecialTokens.from_dict(sp))
+    return dict(text_ids=text_ids, attention_mask=mask, gt_text_ids=labels,
                 image_tensors=images, image_tensors_dec=images.clone(), num_image_per_seq=torch.tensor([1]),
                 nearest_bos_idxs=torch.tensor([0]), loss_txt_weight=text_weight)
 
