@@ -264,6 +264,24 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                      groups.row_begin[gi], levels);
 }
 
+// Tensor cores: CTA (n, image, head, row tile of the image's rows); see tensor_accumulate.
+template <typename scalar_t, int kD>
+__global__ void __launch_bounds__(kTensorThreads, 2)
+    mmfs_grad_value_tensor_kernel(const float* __restrict__ loc, const float* __restrict__ logits,
+                                  const uint8_t* __restrict__ visible, const float* __restrict__ lse_in,
+                                  const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
+                                  int tiles, const __grid_constant__ LevelTable levels) {
+  const int tile = blockIdx.x % tiles;
+  int bid = blockIdx.x / tiles;
+  const int m = bid % d.M;
+  bid /= d.M;
+  const int i = bid % d.I, n = bid / d.I;
+  const MmfsOwnerSource src{loc, logits, lse_in, visible, n, i, m, d.I, d.M, d.Lq, d.L * d.P, d.P, 0, d.L};
+  tensor_accumulate<scalar_t, kD>(src, grad_out, grad_value + static_cast<int64_t>(m) * kD,
+                                  (static_cast<int64_t>(n) * d.I + i) * d.S, static_cast<int64_t>(d.M) * kD, d.Lq,
+                                  d.P, static_cast<int>(d.S), tile, levels);
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -287,7 +305,8 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
 }
 
 GradValueStrategy mmfs_grad_value_strategy(const MmfsProblem& pr, GradValueStrategy requested) {
-  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, requested);
+  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, pr.queries, pr.points, requested,
+                                          cuda::StrategyOp::kMmfs);
 }
 
 void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, GradValueStrategy strategy,
@@ -330,6 +349,19 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
         cuda::mmfs_backward_kernel<scalar_t, false><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, logits, args.visible, ignore, lse, gout, nullptr, gloc, glogits, d, pr.levels);
         cuda::check_launch("mmfs_backward_kernel");
+      }
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (strategy == GradValueStrategy::kTensor) {
+          cuda::dispatch_tensor_channels(pr.channels, [&](auto dc) {
+            constexpr int kD = decltype(dc)::value;
+            const int64_t tiles = cuda::tensor_tiles<kD>(pr.image_len);
+            cuda::launch_tensor(cuda::mmfs_grad_value_tensor_kernel<scalar_t, kD>, cuda::TensorTile<kD>::kSmem,
+                                pr.batch * pr.images * pr.heads, tiles, "mmfs_grad_value_tensor_kernel", stream, loc,
+                                logits, args.visible, lse, gout, static_cast<scalar_t*>(args.grad_value), d,
+                                static_cast<int>(tiles), pr.levels);
+          });
+          return;
+        }
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
       cuda::launch_owner(cuda::mmfs_grad_value_owner_kernel<scalar_t>, plan, pr.batch * pr.images * pr.heads,

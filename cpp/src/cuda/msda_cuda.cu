@@ -167,6 +167,21 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                      groups.row_begin[gi], levels);
 }
 
+// Tensor cores: CTA (n, m, row tile); see tensor_accumulate.
+template <typename scalar_t, typename weight_t, int kD>
+__global__ void __launch_bounds__(kTensorThreads, 2)
+    msda_grad_value_tensor_kernel(const float* __restrict__ loc, const weight_t* __restrict__ weights,
+                                  const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
+                                  int tiles, const __grid_constant__ LevelTable levels) {
+  const int tile = blockIdx.x % tiles;
+  const int nm = blockIdx.x / tiles;
+  const int m = nm % d.M, n = nm / d.M;
+  const MsdaOwnerSource<weight_t> src{loc, weights, n, m, d.M, d.Lq, d.L * d.P, d.P, 0, d.L};
+  tensor_accumulate<scalar_t, kD>(src, grad_out, grad_value + static_cast<int64_t>(m) * kD,
+                                  static_cast<int64_t>(n) * d.S, static_cast<int64_t>(d.M) * kD, d.Lq, d.P,
+                                  static_cast<int>(d.S), tile, levels);
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -188,7 +203,8 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
 }
 
 GradValueStrategy msda_grad_value_strategy(const MsdaProblem& pr, GradValueStrategy requested) {
-  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, requested);
+  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, pr.queries, pr.points, requested,
+                                          cuda::StrategyOp::kMsda);
 }
 
 void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, GradValueStrategy strategy,
@@ -229,6 +245,19 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
         cuda::msda_backward_kernel<scalar_t, weight_t, false><<<blocks, cuda::kThreads, 0, stream>>>(
             value, loc, w, gout, nullptr, gloc, gw, d, pr.levels);
         cuda::check_launch("msda_backward_kernel");
+      }
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (strategy == GradValueStrategy::kTensor) {
+          cuda::dispatch_tensor_channels(pr.channels, [&](auto dc) {
+            constexpr int kD = decltype(dc)::value;
+            cuda::launch_tensor(cuda::msda_grad_value_tensor_kernel<scalar_t, weight_t, kD>,
+                                cuda::TensorTile<kD>::kSmem, pr.batch * pr.heads, cuda::tensor_tiles<kD>(pr.value_len),
+                                "msda_grad_value_tensor_kernel", stream, loc, w, gout,
+                                static_cast<scalar_t*>(args.grad_value), d,
+                                static_cast<int>(cuda::tensor_tiles<kD>(pr.value_len)), pr.levels);
+          });
+          return;
+        }
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
       cuda::launch_owner(cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>, plan, pr.batch * pr.heads,
