@@ -135,7 +135,8 @@ def record(case: str, dtype: str, impl: str, strategy: str | None, fwd: tuple[fl
                 **extra)
 
 
-def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[dict]:
+def bench_core(case_name: str, dtype_name: str, device: str, reps: int, strategies: list[str] = STRATEGIES,
+               reference: bool = True) -> list[dict]:
     case = CASES[case_name]
     dtype = DTYPES[dtype_name]
     value, shapes, starts, loc, weights = make_inputs(case, dtype, device)
@@ -160,7 +161,7 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
         return torch.autograd.grad(out, leaves, grad)
 
     features = dict(op="msda", points_per_query=len(case["shapes"]) * P, slice_rows=value.shape[1], queries=Lq)
-    for strategy in STRATEGIES if device == "cuda" else ["auto"]:
+    for strategy in strategies if device == "cuda" else ["auto"]:
         with grad_value_strategy(strategy):
             try:
                 bwd = timer(lambda: backward(grad, value, shapes, starts, loc, weights), what=f"deem bwd {strategy}")
@@ -170,6 +171,8 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
                 continue
         records.append(record(case_name, dtype_name, "deem", strategy, fwd, bwd, fb, **features))
 
+    if not reference:
+        return records
     ref_reps = max(3, reps // 4)
     ref_fwd = timer(lambda: ms_deform_attn_reference(value, shapes, starts, loc, weights), ref_reps, "reference fwd")
     out = ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1], leaves[2])
@@ -185,7 +188,8 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
 
 # ---------------------------------------------------------------------------------- MMFS core
 
-def bench_mmfs_core(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq: int = 2048) -> list[dict]:
+def bench_mmfs_core(dtype_name: str, reps: int, strategies: list[str] = STRATEGIES, n_img: int = 8, B: int = 4,
+                    Lq: int = 2048) -> list[dict]:
     """deem::mmfs_core at the LLM layer's shape, each d(value) strategy: forward, backward, forward+backward."""
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(3)
@@ -214,7 +218,7 @@ def bench_mmfs_core(dtype_name: str, reps: int, n_img: int = 8, B: int = 4, Lq: 
     features = dict(op="mmfs", points_per_query=L * P, slice_rows=S, queries=Lq,
                     visible_fraction=round(visible.float().mean().item(), 3))
     records = []
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         with grad_value_strategy(strategy):
             bwd = time_cuda(lambda: backward(grad, *args, lse), reps, label=f"{label} bwd {strategy}")
             fb = time_cuda(forward_backward, reps, label=f"{label} fwd+bwd {strategy}")
@@ -348,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=None, help="comma-separated subset of fp16,bf16,fp32")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--no-layer", action="store_true", help="skip the MMFS layer benchmark (GPU)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="d(value) strategies to time (GPU)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the grid_sample reference")
     parser.add_argument("--out", default=os.environ.get("DEEM_BENCH_OUT", "benchmarks/results"))
     parser.add_argument("--profile", action="store_true", help="print per-kernel times of the llm_8img backward")
     args = parser.parse_args(argv)
@@ -364,15 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         cases = args.cases.split(",") if args.cases else ["unet_16", "llm_2img_n1"]
         dtypes = args.dtypes.split(",") if args.dtypes else ["fp32"]
         reps = args.reps or 5
+    strategies = args.strategies.split(",")
     records = []
     for case in cases:
         for dtype in dtypes:
             print(f"timing {case} {dtype} ...", file=sys.stderr, flush=True)
-            records += bench_core(case, dtype, args.device, reps)
+            records += bench_core(case, dtype, args.device, reps, strategies, not args.no_reference)
     if args.device == "cuda":
         for dtype in dtypes:
             print(f"timing the MMFS core {dtype} ...", file=sys.stderr, flush=True)
-            records += bench_mmfs_core(dtype, reps)
+            records += bench_mmfs_core(dtype, reps, strategies)
     if args.device == "cuda" and not args.no_layer:
         for dtype in dtypes:
             print(f"timing the MMFS layer {dtype} ...", file=sys.stderr, flush=True)
