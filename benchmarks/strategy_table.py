@@ -34,11 +34,12 @@ def entries(records: list[dict]) -> list[dict]:
     return list(groups.values())
 
 
-def render(table: list[dict]) -> str:
+def render(table: list[dict], note: str = "") -> str:
     cards = sorted({e["card"] for e in table})
     dates = sorted({e["date"] for e in table})
     lines = ["// Written by benchmarks/strategy_table.py from benchmarks/results/msda_cuda.json; do not edit.",
              f"// Measured on {', '.join(cards)} ({', '.join(dates)}): backward (ms) of each d(value) strategy.",
+             *([f"// {note}"] if note else []),
              f'constexpr const char* kMeasuredCard = "{", ".join(cards)}";',
              "constexpr MeasuredStrategies kMeasuredStrategies[] = {"]
     for e in table:
@@ -56,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results/msda_cuda.json"))
     parser.add_argument("--out", default=str(ROOT / "cpp/src/cuda/strategy_measured.inc"))
+    parser.add_argument("--note", default="", help="one line on how the measurement was made")
     args = parser.parse_args(argv)
     table = entries(json.loads(Path(args.results).read_text()))
     if not table:
         raise SystemExit(f"{args.results}: no deem backward rows with a strategy")
-    Path(args.out).write_text(render(table))
+    Path(args.out).write_text(render(table, args.note))
     for e in table:
         ranked = sorted(e["times"].items(), key=lambda kv: kv[1])
         print(f"{e['name']:<28} " + "  ".join(f"{s} {t:.3f}" for s, t in ranked))

@@ -297,7 +297,7 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
     const unsigned grid = cuda::grid_blocks(blocks, "mmfs_forward");
-    cuda::dispatch_gather_batch<4, 4>([&](auto batch) {
+    cuda::dispatch_gather_batch<1, 4>([&](auto batch) {
       const auto kernel = cuda::mmfs_forward_kernel<scalar_t, decltype(batch)::value>;
       kernel<<<grid, d.threads, 0, stream>>>(
           static_cast<const scalar_t*>(args.value), static_cast<const acc*>(args.locations),
@@ -340,7 +340,7 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
     if (strategy == GradValueStrategy::kAtomic) {
       acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
+        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
           const auto kernel = cuda::mmfs_backward_kernel<scalar_t, true, decltype(batch)::value>;
           kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, logits, args.visible, ignore, lse, gout, accum,
                                                         gloc, glogits, cuda::prepare_group_launch(d, kernel, blocks),
@@ -355,7 +355,7 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
+        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
           const auto kernel = cuda::mmfs_backward_kernel<scalar_t, false, decltype(batch)::value>;
           kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, logits, args.visible, ignore, lse, gout, nullptr,
                                                         gloc, glogits, cuda::prepare_group_launch(d, kernel, blocks),

@@ -196,7 +196,7 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
     const unsigned grid = cuda::grid_blocks(blocks, "msda_forward");
-    cuda::dispatch_gather_batch<4, 4>([&](auto batch) {
+    cuda::dispatch_gather_batch<1, 4>([&](auto batch) {
       const auto kernel = cuda::msda_forward_kernel<scalar_t, weight_t, decltype(batch)::value>;
       kernel<<<grid, d.threads, 0, stream>>>(
           static_cast<const scalar_t*>(args.value), static_cast<const acc_t<scalar_t>*>(args.locations),
@@ -236,7 +236,7 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
     if (strategy == GradValueStrategy::kAtomic) {
       acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
+        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
           const auto kernel = cuda::msda_backward_kernel<scalar_t, weight_t, true, decltype(batch)::value>;
           kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, w, gout, accum, gloc, gw,
                                                         cuda::prepare_group_launch(d, kernel, blocks), pr.levels);
@@ -250,7 +250,7 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
+        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
           const auto kernel = cuda::msda_backward_kernel<scalar_t, weight_t, false, decltype(batch)::value>;
           kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, w, gout, nullptr, gloc, gw,
                                                         cuda::prepare_group_launch(d, kernel, blocks), pr.levels);

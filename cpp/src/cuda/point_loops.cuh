@@ -41,14 +41,16 @@ inline GroupDims group_dims(int64_t heads, int64_t channels, int64_t queries, in
 }
 
 // Whether group kernels order their CTAs so that the CTAs resident on one multiprocessor share (n, head):
-// DEEM_CTA_SWIZZLE=0 turns it off (for measuring it).
+// DEEM_CTA_SWIZZLE=1 turns it on. Off by default: on one H200 (2026-12-02, benchmarks/RESULTS.md) the swizzle
+// together with batches of 4 (forward) / 2 (backward) points ran the forward 1.2x slower than neither.
 inline bool cta_swizzle_enabled() {
   const char* v = std::getenv("DEEM_CTA_SWIZZLE");
-  return v == nullptr || std::string(v) != "0";
+  return v != nullptr && std::string(v) == "1";
 }
 
 // f(std::integral_constant<int, B>) with the gather kernels' points per batch: DEEM_GATHER_BATCH = 1, 2 or 4
-// (for measuring them), else kDefault; at most kMax (the backward's live state spills past 2).
+// (for measuring them), else kDefault; at most kMax (the backward's live state spills past 2). The launchers
+// use 1 (see cta_swizzle_enabled for the measurement).
 template <int kDefault, int kMax, typename F>
 void dispatch_gather_batch(F&& f) {
   const char* v = std::getenv("DEEM_GATHER_BATCH");
