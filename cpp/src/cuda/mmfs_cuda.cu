@@ -340,11 +340,11 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
     if (strategy == GradValueStrategy::kAtomic) {
       acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
+        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
           const auto kernel = cuda::mmfs_backward_kernel<scalar_t, true, decltype(batch)::value>;
+          const cuda::Dims ordered = cuda::prepare_group_launch(d, kernel, blocks, /*swizzle_by_default=*/true);
           kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, logits, args.visible, ignore, lse, gout, accum,
-                                                        gloc, glogits, cuda::prepare_group_launch(d, kernel, blocks),
-                                                        pr.levels);
+                                                        gloc, glogits, ordered, pr.levels);
         });
         cuda::check_launch("mmfs_backward_kernel<atomic>");
       }
@@ -355,11 +355,11 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
+        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
           const auto kernel = cuda::mmfs_backward_kernel<scalar_t, false, decltype(batch)::value>;
+          const cuda::Dims ordered = cuda::prepare_group_launch(d, kernel, blocks, /*swizzle_by_default=*/true);
           kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, logits, args.visible, ignore, lse, gout, nullptr,
-                                                        gloc, glogits, cuda::prepare_group_launch(d, kernel, blocks),
-                                                        pr.levels);
+                                                        gloc, glogits, ordered, pr.levels);
         });
         cuda::check_launch("mmfs_backward_kernel");
       }

@@ -40,17 +40,20 @@ inline GroupDims group_dims(int64_t heads, int64_t channels, int64_t queries, in
   return d;
 }
 
-// Whether group kernels order their CTAs so that the CTAs resident on one multiprocessor share (n, head):
-// DEEM_CTA_SWIZZLE=1 turns it on. Off by default: on one H200 (2026-12-02, benchmarks/RESULTS.md) the swizzle
-// together with batches of 4 (forward) / 2 (backward) points ran the forward 1.2x slower than neither.
-inline bool cta_swizzle_enabled() {
+// Whether a group kernel orders its CTAs so that the CTAs resident on one multiprocessor share (n, head):
+// DEEM_CTA_SWIZZLE=0 or 1 for every kernel (for measuring it), else the launcher's default. The defaults follow
+// one H200 measurement (2026-12-02, benchmarks/RESULTS.md): the swizzle with batches of 4 (forward) / 2
+// (backward) points ran the forward up to 1.2x slower and the generic backward 3% slower than neither, and the
+// MMFS backward 6% faster; so only the MMFS backward uses them.
+inline bool cta_swizzle_enabled(bool by_default) {
   const char* v = std::getenv("DEEM_CTA_SWIZZLE");
-  return v != nullptr && std::string(v) == "1";
+  if (v == nullptr || *v == '\0') return by_default;
+  return std::string(v) == "1";
 }
 
 // f(std::integral_constant<int, B>) with the gather kernels' points per batch: DEEM_GATHER_BATCH = 1, 2 or 4
-// (for measuring them), else kDefault; at most kMax (the backward's live state spills past 2). The launchers
-// use 1 (see cta_swizzle_enabled for the measurement).
+// (for measuring them), else kDefault; at most kMax (the backward's live state spills past 2). The launchers'
+// defaults: 2 for the MMFS backward, else 1 (see cta_swizzle_enabled for the measurement).
 template <int kDefault, int kMax, typename F>
 void dispatch_gather_batch(F&& f) {
   const char* v = std::getenv("DEEM_GATHER_BATCH");
@@ -88,11 +91,11 @@ Residency group_kernel_residency(const void* kernel, int threads);
 
 // Prepares a launch of the group kernel `kernel` with `blocks` CTAs of d.threads threads (the CTA order).
 template <typename DimsT, typename Kernel>
-inline DimsT prepare_group_launch(DimsT d, Kernel kernel, int64_t blocks) {
+inline DimsT prepare_group_launch(DimsT d, Kernel kernel, int64_t blocks, bool swizzle_by_default = false) {
   d.blocks = static_cast<int>(blocks);  // the caller checked grid_blocks()
   d.wave = d.per_sm = 0;
   const Residency r = group_kernel_residency(reinterpret_cast<const void*>(kernel), d.threads);
-  if (!cta_swizzle_enabled() || r.per_sm <= 1) return d;
+  if (!cta_swizzle_enabled(swizzle_by_default) || r.per_sm <= 1) return d;
   d.per_sm = r.per_sm;
   d.wave = r.per_sm * r.sms;
   return d;
