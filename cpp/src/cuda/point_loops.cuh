@@ -57,7 +57,7 @@ inline bool cta_swizzle_enabled(bool by_default) {
 template <int kDefault, int kMax, typename F>
 void dispatch_gather_batch(F&& f) {
   const char* v = std::getenv("DEEM_GATHER_BATCH");
-  const int b = v == nullptr ? kDefault : std::atoi(v);
+  const int b = v == nullptr || *v == '\0' ? kDefault : std::atoi(v);
   if (b <= 1) {
     f(std::integral_constant<int, 1>{});
   } else if (b == 2 || kMax < 4) {
