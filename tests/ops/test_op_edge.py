@@ -393,3 +393,22 @@ def test_cuda_backward_reports_the_strategy_that_ran(cuda_device, strategy, code
                               stream=torch.cuda.current_stream().cuda_stream)
     assert ran == code
     assert len(workspace) == (1 if strategy == "atomic" else 0)  # the fp32 buffer only where it is needed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, allowed", [(torch.float16, {3}), (torch.bfloat16, {3}), (torch.float32, {1, 2})])
+def test_cuda_auto_runs_the_measured_fastest_strategy_that_applies(cuda_device, dtype, allowed):
+    """'auto' follows cpp/src/cuda/strategy_measured.inc: tensor (3) was the fastest on every measured case and
+    applies to 16-bit values; float32 falls to the faster of atomic (1) and owner (2) there."""
+    p = msda_problem(1, 64, 2, 64, [(32, 32), (16, 16), (8, 8)], 8, dtype=dtype, device=cuda_device)
+    grads = [torch.empty_like(t) for t in (p.value, p.sampling_locations, p.attention_weights)]
+    workspace = []
+
+    def alloc(shape, dtype):
+        workspace.append(torch.empty(shape, dtype=getattr(torch, dtype), device=cuda_device))
+        return dl(workspace[-1])
+
+    g = torch.randn(1, 64, 2, 64, device=cuda_device, dtype=dtype)
+    ran = lib().msda_backward(*map(dl, p.args()), dl(g), *map(dl, grads), strategy=0, workspace=alloc,
+                              stream=torch.cuda.current_stream().cuda_stream)
+    assert ran in allowed
