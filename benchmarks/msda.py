@@ -13,6 +13,9 @@ over CUDA-graph replays where the measured function can be captured (else back-t
 record says which, per column); deem (each d(value) strategy) and the grid_sample reference in the same run;
 then the whole MMFS layer at the LLM shape (B=4, Lq=2048, 8 images, causal visibility): deem.models.MMFS
 against the original formulation.
+The MMFS core op (deem::mmfs_core) is timed per strategy at the LLM layer's shape (mmfs_core_llm_8img: B=4,
+Lq=2048, 8 images, causal visibility, random locations). Every deem backward row carries the problem features
+that benchmarks/strategy_table.py turns into the table behind the 'auto' strategy.
 CPU (--device cpu): the unet_16 shape (and a small LLM shape) in float32, wall-clock medians.
 
 Writes <out>/msda_<device>.json (one record per case, dtype, implementation) and prints a table.
@@ -39,7 +42,7 @@ import torch
 import deem
 from deem.models import MMFS
 from deem.models.mmfs_reference import OriginalMMFS
-from deem.ops import grad_value_strategy, ms_deform_attn, ms_deform_attn_reference
+from deem.ops import grad_value_strategy, mmfs_core, ms_deform_attn, ms_deform_attn_reference
 
 LLM_IMAGE = [(32, 32), (16, 16), (8, 8)]
 UNET = [(64, 64), (32, 32), (16, 16), (8, 8)]
@@ -51,6 +54,7 @@ CASES = {
     "llm_2img_n1": dict(N=1, Lq=512, shapes=LLM_IMAGE * 2),  # small CPU case
 }
 M, D, P = 16, 64, 8
+STRATEGIES = ["atomic", "owner", "tensor", "auto"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -131,7 +135,8 @@ def record(case: str, dtype: str, impl: str, strategy: str | None, fwd: tuple[fl
                 **extra)
 
 
-def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[dict]:
+def bench_core(case_name: str, dtype_name: str, device: str, reps: int, strategies: list[str] = STRATEGIES,
+               reference: bool = True) -> list[dict]:
     case = CASES[case_name]
     dtype = DTYPES[dtype_name]
     value, shapes, starts, loc, weights = make_inputs(case, dtype, device)
@@ -155,8 +160,8 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
         out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
         return torch.autograd.grad(out, leaves, grad)
 
-    strategies = ["atomic", "owner", "auto"] if device == "cuda" else ["auto"]
-    for strategy in strategies:
+    features = dict(op="msda", points_per_query=len(case["shapes"]) * P, slice_rows=value.shape[1], queries=Lq)
+    for strategy in strategies if device == "cuda" else ["auto"]:
         with grad_value_strategy(strategy):
             try:
                 bwd = timer(lambda: backward(grad, value, shapes, starts, loc, weights), what=f"deem bwd {strategy}")
@@ -164,8 +169,10 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
             except ValueError as err:  # strategy does not fit this shape
                 print(f"  {case_name} {dtype_name} {strategy}: {err}", file=sys.stderr)
                 continue
-        records.append(record(case_name, dtype_name, "deem", strategy, fwd, bwd, fb))
+        records.append(record(case_name, dtype_name, "deem", strategy, fwd, bwd, fb, **features))
 
+    if not reference:
+        return records
     ref_reps = max(3, reps // 4)
     ref_fwd = timer(lambda: ms_deform_attn_reference(value, shapes, starts, loc, weights), ref_reps, "reference fwd")
     out = ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1], leaves[2])
@@ -176,6 +183,46 @@ def bench_core(case_name: str, dtype_name: str, device: str, reps: int) -> list[
                                                                         leaves[2]), leaves, grad),
                    ref_reps, "reference fwd+bwd", graph=False)
     records.append(record(case_name, dtype_name, "reference", None, ref_fwd, ref_bwd, ref_fb))
+    return records
+
+
+# ---------------------------------------------------------------------------------- MMFS core
+
+def bench_mmfs_core(dtype_name: str, reps: int, strategies: list[str] = STRATEGIES, n_img: int = 8, B: int = 4,
+                    Lq: int = 2048) -> list[dict]:
+    """deem::mmfs_core at the LLM layer's shape, each d(value) strategy: forward, backward, forward+backward."""
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(3)
+    shapes = torch.tensor(LLM_IMAGE, dtype=torch.int64)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    S, L = int(sizes.sum()), len(LLM_IMAGE)
+    value = torch.randn(B, n_img * S, M, D, generator=g).to("cuda", dtype)
+    loc = (torch.rand(B, Lq, n_img, M, P, 2, generator=g) * 1.2 - 0.1).cuda()
+    logits = torch.randn(B, Lq, n_img, M, L, P, generator=g).cuda()
+    image_start = torch.arange(n_img) * (Lq // n_img)
+    visible = (image_start[None, None, :] <= torch.arange(Lq)[None, :, None]).expand(B, Lq, n_img).contiguous().cuda()
+    ignore = torch.randn(M, D, generator=g).to("cuda", dtype)
+    grad = torch.randn(B, Lq, M * D, generator=g).to("cuda", dtype)
+    args = (value, shapes, starts, loc, logits, visible, ignore)
+    leaves = [value.clone().requires_grad_(), loc.clone().requires_grad_(), logits.clone().requires_grad_()]
+    _, lse = torch.ops.deem.mmfs_core(*args)
+    backward = torch.ops.deem.mmfs_core_backward
+    label = f"mmfs_core {dtype_name}"
+    fwd = time_cuda(lambda: mmfs_core(*args), reps, label=f"{label} fwd")
+
+    def forward_backward():
+        out = mmfs_core(leaves[0], shapes, starts, leaves[1], leaves[2], visible, ignore)
+        return torch.autograd.grad(out, leaves, grad)
+
+    features = dict(op="mmfs", points_per_query=L * P, slice_rows=S, queries=Lq,
+                    visible_fraction=round(visible.float().mean().item(), 3))
+    records = []
+    for strategy in strategies:
+        with grad_value_strategy(strategy):
+            bwd = time_cuda(lambda: backward(grad, *args, lse), reps, label=f"{label} bwd {strategy}")
+            fb = time_cuda(forward_backward, reps, label=f"{label} fwd+bwd {strategy}")
+        records.append(record(f"mmfs_core_llm_{n_img}img", dtype_name, "deem", strategy, fwd, bwd, fb, **features))
     return records
 
 
@@ -247,7 +294,7 @@ def profile(dtype_name: str) -> None:
 
     value, shapes, starts, loc, weights = make_inputs(CASES["llm_8img"], DTYPES[dtype_name], "cuda")
     grad = torch.randn(4, 2048, M * D, generator=torch.Generator().manual_seed(1)).to("cuda", DTYPES[dtype_name])
-    for strategy in ("atomic", "owner"):
+    for strategy in ("atomic", "owner", "tensor"):
         with grad_value_strategy(strategy):
             for _ in range(2):
                 torch.ops.deem.ms_deform_attn_backward(grad, value, shapes, starts, loc, weights)
@@ -305,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=None, help="comma-separated subset of fp16,bf16,fp32")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--no-layer", action="store_true", help="skip the MMFS layer benchmark (GPU)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="d(value) strategies to time (GPU)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the grid_sample reference")
     parser.add_argument("--out", default=os.environ.get("DEEM_BENCH_OUT", "benchmarks/results"))
     parser.add_argument("--profile", action="store_true", help="print per-kernel times of the llm_8img backward")
     args = parser.parse_args(argv)
@@ -321,11 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         cases = args.cases.split(",") if args.cases else ["unet_16", "llm_2img_n1"]
         dtypes = args.dtypes.split(",") if args.dtypes else ["fp32"]
         reps = args.reps or 5
+    strategies = args.strategies.split(",")
     records = []
     for case in cases:
         for dtype in dtypes:
             print(f"timing {case} {dtype} ...", file=sys.stderr, flush=True)
-            records += bench_core(case, dtype, args.device, reps)
+            records += bench_core(case, dtype, args.device, reps, strategies, not args.no_reference)
+    if args.device == "cuda":
+        for dtype in dtypes:
+            print(f"timing the MMFS core {dtype} ...", file=sys.stderr, flush=True)
+            records += bench_mmfs_core(dtype, reps, strategies)
     if args.device == "cuda" and not args.no_layer:
         for dtype in dtypes:
             print(f"timing the MMFS layer {dtype} ...", file=sys.stderr, flush=True)

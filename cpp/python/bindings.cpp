@@ -113,7 +113,9 @@ TensorArg output_arg(py::handle h, const char* name, const std::vector<int64_t>&
 }
 
 GradValueStrategy requested_strategy(int strategy) {
-  if (strategy < 0 || strategy > 2) fail("strategy: expected 0 (auto), 1 (atomic) or 2 (owner), got " + std::to_string(strategy));
+  if (strategy < 0 || strategy > 3) {
+    fail("strategy: expected 0 (auto), 1 (atomic), 2 (owner) or 3 (tensor), got " + std::to_string(strategy));
+  }
   return static_cast<GradValueStrategy>(strategy);
 }
 
@@ -406,7 +408,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("grad_output"), py::arg("grad_value"),
         py::arg("grad_sampling_locations"), py::arg("grad_attention_weights"), py::arg("strategy") = 0,
         py::arg("workspace") = py::none(), py::arg("stream") = 0, py::arg("num_threads") = 1,
-        "Validate the arguments, resolve the d(value) strategy (0 auto, 1 atomic, 2 owner), allocate the "
+        "Validate the arguments, resolve the d(value) strategy (0 auto, 1 atomic, 2 owner, 3 tensor), allocate the "
         "gradients (capsules or an allocator) and, only if that strategy needs one, a float32 workspace through "
         "workspace(shape, dtype name); write the gradients and return the strategy that ran.");
   m.def("mmfs_forward", &mmfs_forward, py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),

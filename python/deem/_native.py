@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-GRAD_VALUE_STRATEGIES = {"auto": 0, "atomic": 1, "owner": 2}
+GRAD_VALUE_STRATEGIES = {"auto": 0, "atomic": 1, "owner": 2, "tensor": 3}
 
 
 @functools.cache

@@ -108,12 +108,29 @@ def test_single_pixel_levels_and_sixteen_images(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("strategy", ["atomic", "owner"])
+@pytest.mark.parametrize("strategy", ["atomic", "owner", "tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_grad_value_strategies(cuda_device, strategy, dtype):
     p = mmfs_problem(2, 70, 4, 4, 64, [(16, 16), (8, 8), (4, 4)], 8, dtype=dtype, device=cuda_device, seed=6)
     tol = TOLERANCE[dtype]
     with grad_value_strategy(strategy):
+        if strategy == "tensor" and dtype == torch.float32:
+            with pytest.raises(ValueError, match="'tensor' needs float16 or bfloat16"):
+                check(p, tol, tol * 4)
+            return
+        check(p, tol, tol * 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tensor_strategy_causal_images(cuda_device, dtype):
+    """The LLM layout in small: causal visibility (query steps that see no image skip their products), image
+    slices that span several row tiles (32x32 + 16x16 + 8x8 = 1344 rows), Lq not a multiple of the step."""
+    p = mmfs_problem(2, 333, 3, 2, 64, [(32, 32), (16, 16), (8, 8)], 8, dtype=dtype, device=cuda_device, seed=9)
+    start = torch.tensor([0, 140, 290], device=cuda_device)
+    p.image_visible[:] = start[None, None, :] <= torch.arange(333, device=cuda_device)[None, :, None]
+    tol = TOLERANCE[dtype]
+    with grad_value_strategy("tensor"):
         check(p, tol, tol * 4)
 
 

@@ -9,7 +9,7 @@ from deem.ops import grad_value_strategy, ms_deform_attn, ms_deform_attn_referen
 from tests.ops.helpers import TOLERANCE, msda_problem, rel_l2
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-STRATEGIES = ["atomic", "owner"]
+STRATEGIES = ["atomic", "owner", "tensor"]
 
 
 def reference_grads(p, grad_out):
@@ -149,17 +149,51 @@ def test_cuda_grad_value_strategies(cuda_device, strategy, dtype):
     p = msda_problem(2, 33, 4, 64, [(16, 16), (8, 8), (4, 4), (2, 2)], 8, dtype=dtype, device=cuda_device, seed=7)
     tol = TOLERANCE[dtype]
     with grad_value_strategy(strategy):
+        if strategy == "tensor" and dtype == torch.float32:
+            with pytest.raises(ValueError, match="'tensor' needs float16 or bfloat16"):
+                check_against_reference(p, tol, tol * 4)
+            return
         check_against_reference(p, tol, tol * 4)
 
 
 @pytest.mark.cuda
-def test_cuda_contended_locations_owner_and_atomic(cuda_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_contended_locations(cuda_device, dtype):
     """Every query samples the same points (DEEM's initial state): the worst case for atomics."""
-    p = msda_problem(1, 300, 2, 64, [(8, 8), (4, 4)], 8, dtype=torch.float32, device=cuda_device, seed=8)
+    p = msda_problem(1, 300, 2, 64, [(8, 8), (4, 4)], 8, dtype=dtype, device=cuda_device, seed=8)
     p.sampling_locations[:] = p.sampling_locations[:, :1]
+    tol = TOLERANCE[dtype]
     for strategy in STRATEGIES:
+        if strategy == "tensor" and dtype == torch.float32:
+            continue
         with grad_value_strategy(strategy):
-            check_against_reference(p, 1e-6, 1e-5)
+            check_against_reference(p, tol, tol * 10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tensor_strategy_tiles(cuda_device, D, dtype):
+    """Row tiles that cut through levels (a 23x19 level spans tiles of 128 and 256 rows), a last row tile and a
+    last query step that are partial (Lq = 301), level tables of odd sizes, float32 weights, points outside."""
+    p = msda_problem(2, 301, 3, D, [(23, 19), (7, 9), (1, 1), (12, 12)], 5, dtype=dtype, device=cuda_device,
+                     seed=12, spread=(-0.2, 1.2), weight_dtype=torch.float32 if D == 64 else None)
+    tol = TOLERANCE[dtype]
+    with grad_value_strategy("tensor"):
+        check_against_reference(p, tol, tol * 4)
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_strategy_is_deterministic(cuda_device):
+    p = msda_problem(2, 257, 4, 64, [(32, 32), (16, 16), (8, 8)], 8, dtype=torch.bfloat16, device=cuda_device,
+                     seed=13)
+    p.sampling_locations[:, 1:] = p.sampling_locations[:, :1] + 0.01 * p.sampling_locations[:, 1:]  # collisions
+    g = torch.randn(2, 257, 4, 64, generator=torch.Generator().manual_seed(0)).to(cuda_device, torch.bfloat16)
+    with grad_value_strategy("tensor"):
+        runs = [torch.ops.deem.ms_deform_attn_backward(g, *p.args()) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.cuda

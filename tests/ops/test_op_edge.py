@@ -332,7 +332,8 @@ def test_kernels_are_registered_per_device_with_the_reference_as_default(monkeyp
 def test_binding_refuses_a_bad_strategy_code():
     p = msda_problem(1, 3, 2, 4, [(3, 3)], 2, dtype=torch.float32)
     grads = [torch.empty_like(t) for t in (p.value, p.sampling_locations, p.attention_weights)]
-    with pytest.raises(ValueError, match=r"strategy: expected 0 \(auto\), 1 \(atomic\) or 2 \(owner\), got 7"):
+    expected = r"strategy: expected 0 \(auto\), 1 \(atomic\), 2 \(owner\) or 3 \(tensor\), got 7"
+    with pytest.raises(ValueError, match=expected):
         lib().msda_backward(*map(dl, p.args()), dl(torch.zeros(1, 3, 2, 4)), *map(dl, grads), strategy=7)
 
 
@@ -377,7 +378,7 @@ def test_cuda_mmfs_cpu_tensor_among_cuda_tensors_is_refused(cuda_device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("strategy, code", [("atomic", 1), ("owner", 2)])
+@pytest.mark.parametrize("strategy, code", [("atomic", 1), ("owner", 2), ("tensor", 3)])
 def test_cuda_backward_reports_the_strategy_that_ran(cuda_device, strategy, code):
     p = msda_problem(1, 8, 2, 64, [(8, 8), (4, 4)], 4, dtype=torch.float16, device=cuda_device)
     grads = [torch.empty_like(t) for t in (p.value, p.sampling_locations, p.attention_weights)]
@@ -392,3 +393,22 @@ def test_cuda_backward_reports_the_strategy_that_ran(cuda_device, strategy, code
                               stream=torch.cuda.current_stream().cuda_stream)
     assert ran == code
     assert len(workspace) == (1 if strategy == "atomic" else 0)  # the fp32 buffer only where it is needed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, allowed", [(torch.float16, {3}), (torch.bfloat16, {3}), (torch.float32, {1, 2})])
+def test_cuda_auto_runs_the_measured_fastest_strategy_that_applies(cuda_device, dtype, allowed):
+    """'auto' follows cpp/src/cuda/strategy_measured.inc: tensor (3) was the fastest on every measured case and
+    applies to 16-bit values; float32 falls to the faster of atomic (1) and owner (2) there."""
+    p = msda_problem(1, 64, 2, 64, [(32, 32), (16, 16), (8, 8)], 8, dtype=dtype, device=cuda_device)
+    grads = [torch.empty_like(t) for t in (p.value, p.sampling_locations, p.attention_weights)]
+    workspace = []
+
+    def alloc(shape, dtype):
+        workspace.append(torch.empty(shape, dtype=getattr(torch, dtype), device=cuda_device))
+        return dl(workspace[-1])
+
+    g = torch.randn(1, 64, 2, 64, device=cuda_device, dtype=dtype)
+    ran = lib().msda_backward(*map(dl, p.args()), dl(g), *map(dl, grads), strategy=0, workspace=alloc,
+                              stream=torch.cuda.current_stream().cuda_stream)
+    assert ran in allowed

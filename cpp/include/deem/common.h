@@ -48,6 +48,7 @@ enum class GradValueStrategy : int32_t {
   kAuto = 0,
   kAtomic = 1,  // fp32 workspace, vector atomics from every (query, head)
   kOwner = 2,   // one CTA owns a (batch, head, level group, channel chunk) slice in shared memory
+  kTensor = 3,  // one CTA owns a (batch, head, row tile) of d(value) = Wt . dO on tensor cores (16-bit values)
 };
 
 }  // namespace deem

@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "grad_value_tensor.cuh"
 #include "kernel_common.cuh"
+#include "strategy_table.h"
 
 namespace deem::cuda {
 
@@ -242,18 +244,38 @@ inline int owner_budget() {
   return std::min(max_dynamic_smem_bytes() - 4096, 200 * 1024) - static_cast<int>(owner_stage_bytes(kOwnerThreads));
 }
 
-// Resolves `requested` for a problem with these levels (of one value slice), head size and value dtype.
+// Resolves `requested` for a problem with these levels (of one value slice), head size, value dtype, queries and
+// points. 'auto' takes the measured case nearest to the problem in the features that set the strategies' costs
+// (strategy_table.h: log of sampled points per value row, log of queries) and runs the fastest strategy measured
+// there that applies to this problem.
 inline GradValueStrategy choose_grad_value_strategy(const LevelTable& levels, int64_t channels, DType value_dtype,
-                                                    GradValueStrategy requested) {
+                                                    int64_t queries, int64_t points, GradValueStrategy requested,
+                                                    StrategyOp op) {
   if (value_dtype == DType::kFloat64) return GradValueStrategy::kAtomic;  // fp64 has no shared-memory variant
   const OwnerPlan plan = plan_owner(levels, channels, owner_budget());
+  const bool tensor_ok = tensor_feasible(channels, value_dtype);
   if (requested == GradValueStrategy::kOwner) {
     if (!plan.feasible) throw ArgumentError("grad_value strategy 'owner' does not fit this problem in shared memory");
     return GradValueStrategy::kOwner;
   }
+  if (requested == GradValueStrategy::kTensor) {
+    if (!tensor_ok) {
+      throw ArgumentError("grad_value strategy 'tensor' needs float16 or bfloat16 values and D = 32, 64 or 128 "
+                          "channels per head");
+    }
+    return GradValueStrategy::kTensor;
+  }
   if (requested == GradValueStrategy::kAtomic) return GradValueStrategy::kAtomic;
-  // Auto: ownership pays when one chunk covers at least a quarter of the head (few redundant scans).
-  if (plan.feasible && plan.chunk * 4 >= channels) return GradValueStrategy::kOwner;
+  int64_t rows = 0;
+  for (int l = 0; l < levels.count; ++l) rows += static_cast<int64_t>(levels.height[l]) * levels.width[l];
+  const StrategyFeatures f = strategy_features(levels.count * points, rows, queries);
+  const MeasuredStrategies& best = nearest_measured(f, op);
+  for (const GradValueStrategy s : best.fastest_first) {
+    if (s == GradValueStrategy::kOwner && !plan.feasible) continue;
+    if (s == GradValueStrategy::kTensor && !tensor_ok) continue;
+    if (s == GradValueStrategy::kAuto) continue;  // unused slot
+    return s;
+  }
   return GradValueStrategy::kAtomic;
 }
 

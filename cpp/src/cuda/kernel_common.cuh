@@ -66,6 +66,51 @@ __device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&o)[8]) 
   }
 }
 
+// The same loads split in two: `load_raw` issues the load (so several can be in flight before the first use),
+// `convert` turns its bits into V accumulation values.
+template <typename T> struct RawVec { uint4 bits; };  // 16-bit types: 8 elements
+template <> struct RawVec<float> { float4 bits; };
+template <> struct RawVec<double> { double2 lo, hi; };
+
+template <typename T>
+__device__ __forceinline__ RawVec<T> load_raw(const T* p) {
+  return RawVec<T>{__ldg(reinterpret_cast<const uint4*>(p))};
+}
+template <>
+__device__ __forceinline__ RawVec<float> load_raw<float>(const float* p) {
+  return RawVec<float>{__ldg(reinterpret_cast<const float4*>(p))};
+}
+template <>
+__device__ __forceinline__ RawVec<double> load_raw<double>(const double* p) {
+  return RawVec<double>{__ldg(reinterpret_cast<const double2*>(p)), __ldg(reinterpret_cast<const double2*>(p) + 1)};
+}
+
+__device__ __forceinline__ void convert(const RawVec<float>& r, float (&o)[4]) {
+  o[0] = r.bits.x; o[1] = r.bits.y; o[2] = r.bits.z; o[3] = r.bits.w;
+}
+__device__ __forceinline__ void convert(const RawVec<double>& r, double (&o)[4]) {
+  o[0] = r.lo.x; o[1] = r.lo.y; o[2] = r.hi.x; o[3] = r.hi.y;
+}
+__device__ __forceinline__ void convert(const RawVec<__half>& r, float (&o)[8]) {
+  const uint32_t w[4] = {r.bits.x, r.bits.y, r.bits.z, r.bits.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(&h, &w[i], 4);
+    const float2 f = __half22float2(h);
+    o[2 * i] = f.x;
+    o[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void convert(const RawVec<__nv_bfloat16>& r, float (&o)[8]) {
+  const uint32_t w[4] = {r.bits.x, r.bits.y, r.bits.z, r.bits.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    o[2 * i] = __uint_as_float(w[i] << 16);
+    o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
 __device__ __forceinline__ void store_vec(float* p, const float (&v)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 }

@@ -65,8 +65,8 @@ __device__ __forceinline__ acc group_lse(const acc* __restrict__ logits, const u
   return mx + log(s + exp_acc(-mx));
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, int kBatch>
+__global__ void __launch_bounds__(kThreads, gather_min_blocks<scalar_t>(kBatch, GatherKind::kMmfsForward))
     mmfs_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                         const acc_t<scalar_t>* __restrict__ logits, const uint8_t* __restrict__ visible,
                         const scalar_t* __restrict__ ignore, scalar_t* __restrict__ out,
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const GroupTask task = group_task(d.q_blocks, d.threads / d.G, d.G, d.M);
+  const GroupTask task = group_task(d, d.threads / d.G);
   if (task.q >= d.Lq) return;
   const int n = task.n, m = task.m, q = task.q;
   const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int l = 0; l < d.L; ++l) {
         const scalar_t* v_l = v_i + static_cast<int64_t>(levels.start[l]) * pix;
         chunk.a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
-        accumulate_points<scalar_t>(grp, v_l, pix, levels.height[l], levels.width[l], chunk, sum);
+        accumulate_points<scalar_t, kBatch>(grp, v_l, pix, levels.height[l], levels.width[l], chunk, sum);
       }
     }
   }
@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(kThreads)
   if (grp.lane == 0) lse_out[row] = lse;
 }
 
-template <typename scalar_t, bool kAtomic>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, bool kAtomic, int kBatch>
+__global__ void __launch_bounds__(kThreads, gather_min_blocks<scalar_t>(kBatch, GatherKind::kBackward))
     mmfs_backward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                          const acc_t<scalar_t>* __restrict__ logits, const uint8_t* __restrict__ visible,
                          const scalar_t* __restrict__ ignore, const acc_t<scalar_t>* __restrict__ lse_in,
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const GroupTask task = group_task(d.q_blocks, kThreads / d.G, d.G, d.M);
+  const GroupTask task = group_task(d, kThreads / d.G);
   if (task.q >= d.Lq) return;
   const int n = task.n, m = task.m, q = task.q;
   const int64_t nq = static_cast<int64_t>(n) * d.Lq + q;
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t level_offset = static_cast<int64_t>(levels.start[l]) * pix;
         acc* accum_l = kAtomic ? accum + image_offset + level_offset : nullptr;
         chunk.a = p < d.P ? exp_acc(z[l * d.P + p] - lse) : acc(0);
-        const PointGrad<acc> pg = backprop_points<scalar_t, kAtomic>(grp, v_i + level_offset, accum_l, pix, H, W, g,
+        const PointGrad<acc> pg = backprop_points<scalar_t, kAtomic, kBatch>(grp, v_i + level_offset, accum_l, pix, H, W, g,
                                                                      chunk);
         if (p < d.P) {
           gz[l * d.P + p] = pg.sample;  // G_j; turned into d(logit) once gbar is known
@@ -264,6 +264,24 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                      groups.row_begin[gi], levels);
 }
 
+// Tensor cores: CTA (n, image, head, row tile of the image's rows); see tensor_accumulate.
+template <typename scalar_t, int kD>
+__global__ void __launch_bounds__(kTensorThreads, 2)
+    mmfs_grad_value_tensor_kernel(const float* __restrict__ loc, const float* __restrict__ logits,
+                                  const uint8_t* __restrict__ visible, const float* __restrict__ lse_in,
+                                  const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
+                                  int tiles, const __grid_constant__ LevelTable levels) {
+  const int tile = blockIdx.x % tiles;
+  int bid = blockIdx.x / tiles;
+  const int m = bid % d.M;
+  bid /= d.M;
+  const int i = bid % d.I, n = bid / d.I;
+  const MmfsOwnerSource src{loc, logits, lse_in, visible, n, i, m, d.I, d.M, d.Lq, d.L * d.P, d.P, 0, d.L};
+  tensor_accumulate<scalar_t, kD>(src, grad_out, grad_value + static_cast<int64_t>(m) * kD,
+                                  (static_cast<int64_t>(n) * d.I + i) * d.S, static_cast<int64_t>(d.M) * kD, d.Lq,
+                                  d.P, static_cast<int>(d.S), tile, levels);
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -278,16 +296,22 @@ void mmfs_forward_cuda(const MmfsProblem& pr, const MmfsForwardArgs& args, void*
     cuda::require_aligned(args.ignore_token, "ignore_token");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
-    cuda::mmfs_forward_kernel<scalar_t><<<cuda::grid_blocks(blocks, "mmfs_forward"), d.threads, 0, stream>>>(
-        static_cast<const scalar_t*>(args.value), static_cast<const acc*>(args.locations),
-        static_cast<const acc*>(args.logits), args.visible, static_cast<const scalar_t*>(args.ignore_token),
-        static_cast<scalar_t*>(args.output), static_cast<acc*>(args.lse), d, pr.levels);
+    const unsigned grid = cuda::grid_blocks(blocks, "mmfs_forward");
+    cuda::dispatch_gather_batch<1, 4>([&](auto batch) {
+      const auto kernel = cuda::mmfs_forward_kernel<scalar_t, decltype(batch)::value>;
+      kernel<<<grid, d.threads, 0, stream>>>(
+          static_cast<const scalar_t*>(args.value), static_cast<const acc*>(args.locations),
+          static_cast<const acc*>(args.logits), args.visible, static_cast<const scalar_t*>(args.ignore_token),
+          static_cast<scalar_t*>(args.output), static_cast<acc*>(args.lse),
+          cuda::prepare_group_launch(d, kernel, grid), pr.levels);
+    });
     cuda::check_launch("mmfs_forward_kernel");
   });
 }
 
 GradValueStrategy mmfs_grad_value_strategy(const MmfsProblem& pr, GradValueStrategy requested) {
-  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, requested);
+  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, pr.queries, pr.points, requested,
+                                          cuda::StrategyOp::kMmfs);
 }
 
 void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, GradValueStrategy strategy,
@@ -316,8 +340,12 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
     if (strategy == GradValueStrategy::kAtomic) {
       acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::mmfs_backward_kernel<scalar_t, true><<<blocks, cuda::kThreads, 0, stream>>>(
-            value, loc, logits, args.visible, ignore, lse, gout, accum, gloc, glogits, d, pr.levels);
+        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
+          const auto kernel = cuda::mmfs_backward_kernel<scalar_t, true, decltype(batch)::value>;
+          const cuda::Dims ordered = cuda::prepare_group_launch(d, kernel, blocks, /*swizzle_by_default=*/true);
+          kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, logits, args.visible, ignore, lse, gout, accum,
+                                                        gloc, glogits, ordered, pr.levels);
+        });
         cuda::check_launch("mmfs_backward_kernel<atomic>");
       }
       cuda::finish_atomic<scalar_t>(accum, args.grad_value, value_elems, stream);
@@ -327,9 +355,26 @@ void mmfs_backward_cuda(const MmfsProblem& pr, const MmfsBackwardArgs& args, Gra
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::mmfs_backward_kernel<scalar_t, false><<<blocks, cuda::kThreads, 0, stream>>>(
-            value, loc, logits, args.visible, ignore, lse, gout, nullptr, gloc, glogits, d, pr.levels);
+        cuda::dispatch_gather_batch<2, 2>([&](auto batch) {
+          const auto kernel = cuda::mmfs_backward_kernel<scalar_t, false, decltype(batch)::value>;
+          const cuda::Dims ordered = cuda::prepare_group_launch(d, kernel, blocks, /*swizzle_by_default=*/true);
+          kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, logits, args.visible, ignore, lse, gout, nullptr,
+                                                        gloc, glogits, ordered, pr.levels);
+        });
         cuda::check_launch("mmfs_backward_kernel");
+      }
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (strategy == GradValueStrategy::kTensor) {
+          cuda::dispatch_tensor_channels(pr.channels, [&](auto dc) {
+            constexpr int kD = decltype(dc)::value;
+            const int64_t tiles = cuda::tensor_tiles<kD>(pr.image_len);
+            cuda::launch_tensor(cuda::mmfs_grad_value_tensor_kernel<scalar_t, kD>, cuda::TensorTile<kD>::kSmem,
+                                pr.batch * pr.images * pr.heads, tiles, "mmfs_grad_value_tensor_kernel", stream, loc,
+                                logits, args.visible, lse, gout, static_cast<scalar_t*>(args.grad_value), d,
+                                static_cast<int>(tiles), pr.levels);
+          });
+          return;
+        }
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
       cuda::launch_owner(cuda::mmfs_grad_value_owner_kernel<scalar_t>, plan, pr.batch * pr.images * pr.heads,

@@ -24,15 +24,15 @@ Dims make_dims(const MsdaProblem& pr, int group, int threads) {
   return group_dims(pr.heads, pr.channels, pr.queries, pr.points, pr.levels.count, pr.value_len, group, threads);
 }
 
-template <typename scalar_t, typename weight_t>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, typename weight_t, int kBatch>
+__global__ void __launch_bounds__(kThreads, gather_min_blocks<scalar_t>(kBatch, GatherKind::kMsdaForward))
     msda_forward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                         const weight_t* __restrict__ weights, scalar_t* __restrict__ out, Dims d,
                         const __grid_constant__ LevelTable levels) {
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const GroupTask task = group_task(d.q_blocks, d.threads / d.G, d.G, d.M);
+  const GroupTask task = group_task(d, d.threads / d.G);
   if (task.q >= d.Lq) return;
   const int n = task.n, m = task.m, q = task.q;
   const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
@@ -57,15 +57,15 @@ __global__ void __launch_bounds__(kThreads)
         chunk.y = loc_q[2 * idx + 1];
         chunk.a = to_acc(w_q[idx]);
       }
-      accumulate_points<scalar_t>(grp, v_l, pix, levels.height[l], levels.width[l], chunk, sum);
+      accumulate_points<scalar_t, kBatch>(grp, v_l, pix, levels.height[l], levels.width[l], chunk, sum);
     }
   }
   store_vec(out + row * d.D + grp.lane * V, sum);
 }
 
 // d(locations), d(weights) for every point; with kAtomic also d(value) into `accum` (zeroed).
-template <typename scalar_t, typename weight_t, bool kAtomic>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, typename weight_t, bool kAtomic, int kBatch>
+__global__ void __launch_bounds__(kThreads, gather_min_blocks<scalar_t>(kBatch, GatherKind::kBackward))
     msda_backward_kernel(const scalar_t* __restrict__ value, const acc_t<scalar_t>* __restrict__ loc,
                          const weight_t* __restrict__ weights, const scalar_t* __restrict__ grad_out,
                          acc_t<scalar_t>* __restrict__ accum, acc_t<scalar_t>* __restrict__ grad_loc,
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   constexpr int V = Traits<scalar_t>::V;
   const Group grp = Group::make(d.G);
-  const GroupTask task = group_task(d.q_blocks, kThreads / d.G, d.G, d.M);
+  const GroupTask task = group_task(d, kThreads / d.G);
   if (task.q >= d.Lq) return;
   const int n = task.n, m = task.m, q = task.q;
   const int64_t row = (static_cast<int64_t>(n) * d.Lq + q) * d.M + m;
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
         chunk.y = loc_q[2 * idx + 1];
         chunk.a = to_acc(w_q[idx]);
       }
-      const PointGrad<acc> pg = backprop_points<scalar_t, kAtomic>(grp, v_l, accum_l, pix, H, W, g, chunk);
+      const PointGrad<acc> pg = backprop_points<scalar_t, kAtomic, kBatch>(grp, v_l, accum_l, pix, H, W, g, chunk);
       if (p < d.P) {
         const int idx = l * d.P + p;
         gw_q[idx] = from_acc<weight_t>(pg.sample);
@@ -167,6 +167,21 @@ __global__ void __launch_bounds__(kOwnerThreads)
                                      groups.row_begin[gi], levels);
 }
 
+// Tensor cores: CTA (n, m, row tile); see tensor_accumulate.
+template <typename scalar_t, typename weight_t, int kD>
+__global__ void __launch_bounds__(kTensorThreads, 2)
+    msda_grad_value_tensor_kernel(const float* __restrict__ loc, const weight_t* __restrict__ weights,
+                                  const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_value, Dims d,
+                                  int tiles, const __grid_constant__ LevelTable levels) {
+  const int tile = blockIdx.x % tiles;
+  const int nm = blockIdx.x / tiles;
+  const int m = nm % d.M, n = nm / d.M;
+  const MsdaOwnerSource<weight_t> src{loc, weights, n, m, d.M, d.Lq, d.L * d.P, d.P, 0, d.L};
+  tensor_accumulate<scalar_t, kD>(src, grad_out, grad_value + static_cast<int64_t>(m) * kD,
+                                  static_cast<int64_t>(n) * d.S, static_cast<int64_t>(d.M) * kD, d.Lq, d.P,
+                                  static_cast<int>(d.S), tile, levels);
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -180,15 +195,21 @@ void msda_forward_cuda(const MsdaProblem& pr, const MsdaForwardArgs& args, void*
     cuda::require_aligned(args.output, "output");
     const int64_t blocks = static_cast<int64_t>(pr.batch) * d.M * d.q_blocks;
     if (blocks == 0) return;
-    cuda::msda_forward_kernel<scalar_t, weight_t><<<cuda::grid_blocks(blocks, "msda_forward"), d.threads, 0, stream>>>(
-        static_cast<const scalar_t*>(args.value), static_cast<const acc_t<scalar_t>*>(args.locations),
-        static_cast<const weight_t*>(args.weights), static_cast<scalar_t*>(args.output), d, pr.levels);
+    const unsigned grid = cuda::grid_blocks(blocks, "msda_forward");
+    cuda::dispatch_gather_batch<1, 4>([&](auto batch) {
+      const auto kernel = cuda::msda_forward_kernel<scalar_t, weight_t, decltype(batch)::value>;
+      kernel<<<grid, d.threads, 0, stream>>>(
+          static_cast<const scalar_t*>(args.value), static_cast<const acc_t<scalar_t>*>(args.locations),
+          static_cast<const weight_t*>(args.weights), static_cast<scalar_t*>(args.output),
+          cuda::prepare_group_launch(d, kernel, grid), pr.levels);
+    });
     cuda::check_launch("msda_forward_kernel");
   });
 }
 
 GradValueStrategy msda_grad_value_strategy(const MsdaProblem& pr, GradValueStrategy requested) {
-  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, requested);
+  return cuda::choose_grad_value_strategy(pr.levels, pr.channels, pr.value_dtype, pr.queries, pr.points, requested,
+                                          cuda::StrategyOp::kMsda);
 }
 
 void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, GradValueStrategy strategy,
@@ -215,8 +236,11 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
     if (strategy == GradValueStrategy::kAtomic) {
       acc* accum = cuda::start_atomic<scalar_t>(args.grad_value, args.grad_value_accum, value_elems, stream);
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, true><<<blocks, cuda::kThreads, 0, stream>>>(
-            value, loc, w, gout, accum, gloc, gw, d, pr.levels);
+        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
+          const auto kernel = cuda::msda_backward_kernel<scalar_t, weight_t, true, decltype(batch)::value>;
+          kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, w, gout, accum, gloc, gw,
+                                                        cuda::prepare_group_launch(d, kernel, blocks), pr.levels);
+        });
         cuda::check_launch("msda_backward_kernel<atomic>");
       }
       cuda::finish_atomic<scalar_t>(accum, args.grad_value, value_elems, stream);
@@ -226,9 +250,25 @@ void msda_backward_cuda(const MsdaProblem& pr, const MsdaBackwardArgs& args, Gra
       throw ArgumentError("grad_value strategy 'owner' is not available for float64");
     } else {
       if (blocks > 0) {
-        cuda::msda_backward_kernel<scalar_t, weight_t, false><<<blocks, cuda::kThreads, 0, stream>>>(
-            value, loc, w, gout, nullptr, gloc, gw, d, pr.levels);
+        cuda::dispatch_gather_batch<1, 2>([&](auto batch) {
+          const auto kernel = cuda::msda_backward_kernel<scalar_t, weight_t, false, decltype(batch)::value>;
+          kernel<<<blocks, cuda::kThreads, 0, stream>>>(value, loc, w, gout, nullptr, gloc, gw,
+                                                        cuda::prepare_group_launch(d, kernel, blocks), pr.levels);
+        });
         cuda::check_launch("msda_backward_kernel");
+      }
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (strategy == GradValueStrategy::kTensor) {
+          cuda::dispatch_tensor_channels(pr.channels, [&](auto dc) {
+            constexpr int kD = decltype(dc)::value;
+            cuda::launch_tensor(cuda::msda_grad_value_tensor_kernel<scalar_t, weight_t, kD>,
+                                cuda::TensorTile<kD>::kSmem, pr.batch * pr.heads, cuda::tensor_tiles<kD>(pr.value_len),
+                                "msda_grad_value_tensor_kernel", stream, loc, w, gout,
+                                static_cast<scalar_t*>(args.grad_value), d,
+                                static_cast<int>(cuda::tensor_tiles<kD>(pr.value_len)), pr.levels);
+          });
+          return;
+        }
       }
       const cuda::OwnerPlan plan = cuda::plan_owner(pr.levels, pr.channels, cuda::owner_budget());
       cuda::launch_owner(cuda::msda_grad_value_owner_kernel<scalar_t, weight_t>, plan, pr.batch * pr.heads,

@@ -1,4 +1,6 @@
-"""How the CUDA backward accumulates d(value): 'auto', 'atomic' or 'owner' (slice ownership)."""
+"""How the CUDA backward accumulates d(value): 'auto', 'atomic' (fp32 vector atomics), 'owner' (slice ownership
+in shared memory) or 'tensor' (d(value) = Wt . dO on tensor cores; float16/bfloat16 values, D = 32, 64 or 128).
+'auto' runs the strategy measured fastest on the nearest benchmarked case (cpp/src/cuda/strategy_table.h)."""
 
 from __future__ import annotations
 
