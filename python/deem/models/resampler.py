@@ -198,6 +198,58 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
         return out, None
 
 
+class EagerQFormerAttention(QKNormQFormerAttention):
+    """The original's eager attention math over the same parameters (transformers' Blip2 eager path plus
+    DEEM's qk-norm patch): matmul → scale → add mask → softmax → dropout → matmul → permute. The baseline
+    of benchmarks/step.py and an oracle in tests; equal to :class:`QKNormQFormerAttention` up to rounding."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        if encoder_hidden_states is not None:
+            kv_in, mask = encoder_hidden_states, encoder_attention_mask
+        else:
+            kv_in, mask = hidden_states, attention_mask
+        q = self.q_norm(self._split(self.query(hidden_states)))
+        k = self.k_norm(self._split(self.key(kv_in)))
+        v = self._split(self.value(kv_in))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / (self.head_dim**0.5)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask.to(scores.dtype)
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=self.dropout_p, training=self.training)
+        out = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()
+        return out.flatten(-2), None
+
+
+ATTENTION_IMPLEMENTATIONS: dict[str, type[QKNormQFormerAttention]] = {
+    "sdpa": QKNormQFormerAttention,
+    "eager": EagerQFormerAttention,
+}
+
+
+def set_attention_implementation(module: nn.Module, name: str) -> int:
+    """Switch every Q-Former attention inside `module` to implementation `name` (same parameters, so a
+    state dict drives all of them); returns how many were switched."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown Q-Former attention implementation {name!r}; "
+                         f"expected one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
+    cls = ATTENTION_IMPLEMENTATIONS[name]
+    count = 0
+    for m in module.modules():
+        if isinstance(m, QKNormQFormerAttention):
+            m.__class__ = cls
+            count += 1
+    return count
+
+
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, L] 0/1 (nonzero = attend) -> additive ``(1 − m)·finfo(dtype).min`` mask ``[B, 1, 1, L]``."""
     m = (keep != 0)[:, None, None, :]
