@@ -6,8 +6,13 @@ transformers: after construction every ``Blip2QFormerMultiHeadAttention`` instan
 Linear modules (so HF's initialisation is kept) and adds ``q_norm``/``k_norm``. Its attention math is
 PyTorch SDPA, equal to the eager form ``softmax(LN(Q)·LN(K)ᵀ/√d + mask) → dropout → ·V``.
 
-The top-level forward (LayerNorm → dropout → HF's layers) is written here, so the encoder mask has
+The top-level forward (LayerNorm → dropout → the layers) is written here, so the encoder mask has
 one format (additive, ``(1 − m)·finfo.min``, as in the original) whatever the transformers version.
+By default it runs the layers' own sub-modules with fewer, larger GEMMs (one for the key/value projections
+of every cross-attention layer, which all read the same encoder states; one per self-attention for Q/K/V);
+``fused_projections = False`` runs HF's layer code instead. :class:`EagerQFormerAttention` is the original's
+eager attention math over the same parameters (the baseline of benchmarks/step.py), selected with
+:func:`set_attention_implementation`.
 
 Parameter names equal the original's ``perceiver_resampler.*`` (transformers 4.31 + its qk-norm patch):
 
@@ -181,9 +186,15 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
             kv_in, mask = encoder_hidden_states, encoder_attention_mask
         else:
             kv_in, mask = hidden_states, attention_mask
-        q = self.q_norm(self._split(self.query(hidden_states)))
-        k = self.k_norm(self._split(self.key(kv_in)))
-        v = self._split(self.value(kv_in))
+        return self.attend(self.query(hidden_states), self.key(kv_in), self.value(kv_in), mask), None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention over projected q [B, Lq, hidden], k/v [B, Lk, hidden] (last dim contiguous; strided
+        views of a wider projection are fine) -> [B, Lq, hidden]: qk-norm on the [B, L, H, d] views (no
+        transposed copies), then one SDPA call."""
+        q = self.q_norm(self._split(q))
+        k = self.k_norm(self._split(k))
+        v = self._split(v)
         if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(
@@ -194,8 +205,7 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
             dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.head_dim**-0.5,
         )
-        out = out.transpose(-3, -2).flatten(-2)
-        return out, None
+        return out.transpose(-3, -2).flatten(-2)
 
 
 class EagerQFormerAttention(QKNormQFormerAttention):
@@ -280,6 +290,7 @@ class PerceiverResampler(nn.Module):
         with torch.no_grad():
             self.queries.normal_(0.0, config.initializer_range)
         self.gradient_checkpointing = False
+        self.fused_projections = True  # False: HF's layer code (same function, more and smaller GEMMs)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -330,6 +341,15 @@ class PerceiverResampler(nn.Module):
         h = qf.dropout(qf.layernorm(self.queries.expand(b, -1, -1)))
         enc = encoder_hidden_states.to(dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if self.uses_fused_projections():
+            cross_kv = iter(self._cross_keys_values(enc))
+            for layer in qf.encoder.layer:
+                k, v = next(cross_kv) if layer.has_cross_attention else (None, None)
+                if checkpointing:
+                    h = checkpoint(self._layer, layer, h, k, v, mask, use_reentrant=False)
+                else:
+                    h = self._layer(layer, h, k, v, mask)
+            return h
         for layer in qf.encoder.layer:
             if checkpointing:
                 h = checkpoint(
@@ -338,3 +358,36 @@ class PerceiverResampler(nn.Module):
             else:
                 h = layer(h, None, enc, encoder_attention_mask=mask, query_length=c.num_queries)
         return h
+
+    # -------------------------------------------------------------------------------------------- fused path
+    # The same function as HF's layers with fewer, larger GEMMs: the key/value projections of every
+    # cross-attention layer read the same encoder states, so they run as one GEMM over the concatenated
+    # weights (12 GEMMs -> 1 for the sniffer); each self-attention's Q/K/V projections run as one GEMM.
+
+    def uses_fused_projections(self) -> bool:
+        """The fused path serves the default attention (SDPA); the eager baseline keeps HF's layer code."""
+        attentions = [m for m in self.modules() if isinstance(m, QKNormQFormerAttention)]
+        return self.fused_projections and all(type(m) is QKNormQFormerAttention for m in attentions)
+
+    def _cross_keys_values(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layers = self.blip2qformer.encoder.layer
+        atts = [layer.crossattention.attention for layer in layers if layer.has_cross_attention]
+        weight = torch.cat([w for a in atts for w in (a.key.weight, a.value.weight)])
+        bias = torch.cat([b for a in atts for b in (a.key.bias, a.value.bias)])
+        kv = F.linear(enc, weight, bias).split(self.config.hidden, dim=-1)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(len(atts))]
+
+    @staticmethod
+    def _layer(layer: nn.Module, h: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """One Blip2QFormerLayer on the query tokens (self-attention, cross-attention on precomputed k/v, FFN)."""
+        block = layer.attention
+        att = block.attention
+        weight = torch.cat([att.query.weight, att.key.weight, att.value.weight])
+        bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
+        q, ks, vs = F.linear(h, weight, bias).split(h.shape[-1], dim=-1)
+        h = block.output(att.attend(q, ks, vs, None), h)
+        if layer.has_cross_attention:
+            cross = layer.crossattention
+            h = cross.output(cross.attention.attend(cross.attention.query(h), k, v, mask), h)
+        return layer.output_query(layer.intermediate_query(h), h)
