@@ -6,5 +6,6 @@
 namespace deem::python {
 
 void register_masked_mse(pybind11::module_& m);  // bindings_masked_mse.cpp
+void register_resampler(pybind11::module_& m);   // bindings_resampler.cpp
 
 }  // namespace deem::python

@@ -38,6 +38,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2QFormerMultiHeadAttention
 
+from deem.ops.resampler import cuda_fits, qformer_attention
+
 
 @dataclass
 class QFormerConfig:
@@ -156,8 +158,16 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
         self.is_cross_attention = is_cross_attention
         self.head_dim = head_dim
         self.dropout_p = float(config.attention_probs_dropout_prob)
+        self.eps = float(config.layer_norm_eps)
+        self.fused_op = True  # False: always the SDPA formulation
         self.q_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
         self.k_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
+
+    def uses_op(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether `attend` runs the fused op: on the CPU (its reference), and on CUDA where the kernels hold it."""
+        if type(self) is not QKNormQFormerAttention or not self.fused_op:
+            return False
+        return q.device.type == "cpu" or cuda_fits(q, k, self.num_attention_heads)
 
     @classmethod
     def replacing(
@@ -188,10 +198,23 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
             kv_in, mask = hidden_states, attention_mask
         return self.attend(self.query(hidden_states), self.key(kv_in), self.value(kv_in), mask), None
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention over projected q [B, Lq, hidden], k/v [B, Lk, hidden] (last dim contiguous; strided
-        views of a wider projection are fine) -> [B, Lq, hidden]: qk-norm on the [B, L, H, d] views (no
-        transposed copies), then one SDPA call."""
+        views of a wider projection are fine) -> [B, Lq, hidden]. With `key_mask` ([B, Lk] bool, or None with
+        `mask` None) it is the fused op `deem::qformer_attention` (qk-norm, softmax, dropout and P·V in one CUDA
+        launch each way where it fits, its PyTorch reference on the CPU); with an additive/boolean SDPA `mask`, or
+        on CUDA where the op does not fit, qk-norm on the [B, L, H, d] views and one SDPA call."""
+        if mask is None and self.uses_op(q, k):
+            norms = {}
+            if isinstance(self.q_norm, nn.LayerNorm):
+                norms = dict(q_norm=(self.q_norm.weight, self.q_norm.bias),
+                             k_norm=(self.k_norm.weight, self.k_norm.bias))
+            return qformer_attention(q, k, v, self.num_attention_heads, key_mask=key_mask, eps=float(self.eps),
+                                     scale=self.head_dim**-0.5, dropout_p=self.dropout_p if self.training else 0.0,
+                                     **norms)
+        if key_mask is not None:  # the original's additive form: an all-masked row attends uniformly
+            mask = additive_mask(key_mask, q.dtype)
         q = self.q_norm(self._split(q))
         k = self.k_norm(self._split(k))
         v = self._split(v)
@@ -324,8 +347,9 @@ class PerceiverResampler(nn.Module):
             )
         b, length = encoder_hidden_states.shape[:2]
         dtype = self.queries.dtype
-        mask = None
+        mask = key_mask = None
         if encoder_attention_mask is not None:
+            key_mask = (encoder_attention_mask != 0).contiguous()
             if tuple(encoder_attention_mask.shape) != (b, length):
                 raise ValueError(
                     f"PerceiverResampler: encoder_attention_mask must be [B, L] = [{b}, {length}], "
@@ -346,9 +370,9 @@ class PerceiverResampler(nn.Module):
             for layer in qf.encoder.layer:
                 k, v = next(cross_kv) if layer.has_cross_attention else (None, None)
                 if checkpointing:
-                    h = checkpoint(self._layer, layer, h, k, v, mask, use_reentrant=False)
+                    h = checkpoint(self._layer, layer, h, k, v, key_mask, use_reentrant=False)
                 else:
-                    h = self._layer(layer, h, k, v, mask)
+                    h = self._layer(layer, h, k, v, key_mask)
             return h
         for layer in qf.encoder.layer:
             if checkpointing:
@@ -379,15 +403,16 @@ class PerceiverResampler(nn.Module):
 
     @staticmethod
     def _layer(layer: nn.Module, h: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """One Blip2QFormerLayer on the query tokens (self-attention, cross-attention on precomputed k/v, FFN)."""
+               key_mask: torch.Tensor | None) -> torch.Tensor:
+        """One Blip2QFormerLayer on the query tokens (self-attention, cross-attention on precomputed k/v, FFN);
+        key_mask [B, Lk] bool (True = attend) or None."""
         block = layer.attention
         att = block.attention
         weight = torch.cat([att.query.weight, att.key.weight, att.value.weight])
         bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
         q, ks, vs = F.linear(h, weight, bias).split(h.shape[-1], dim=-1)
-        h = block.output(att.attend(q, ks, vs, None), h)
+        h = block.output(att.attend(q, ks, vs), h)
         if layer.has_cross_attention:
             cross = layer.crossattention
-            h = cross.output(cross.attention.attend(cross.attention.query(h), k, v, mask), h)
+            h = cross.output(cross.attention.attend(cross.attention.query(h), k, v, key_mask=key_mask), h)
         return layer.output_query(layer.intermediate_query(h), h)

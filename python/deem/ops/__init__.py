@@ -9,6 +9,7 @@ from deem.ops.masked_mse import masked_mse, masked_mse_reference
 from deem.ops.mmfs import mmfs_core
 from deem.ops.msda import ms_deform_attn
 from deem.ops.reference import mmfs_core_reference, mmfs_softmax, ms_deform_attn_reference
+from deem.ops.resampler import qformer_attention, qformer_attention_reference
 
 __all__ = [
     "NonFiniteLocationError",
@@ -23,6 +24,8 @@ __all__ = [
     "mmfs_softmax",
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    "qformer_attention",
+    "qformer_attention_reference",
     "reference_kernels",
     "set_grad_value_strategy",
 ]
