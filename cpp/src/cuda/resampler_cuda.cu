@@ -437,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int e = lane; e < 256; e += 32) {
       const int i = m * kTile + e / kTile, j = n * kTile + e % kTile;
       float ds = 0.f;
-      if (i < Lq && j < Lk) {
+      if (any_visible && i < Lq && j < Lk) {  // an all-masked row is uniform whatever its scores: no gradient
         const uint32_t flat = static_cast<uint32_t>((static_cast<int64_t>(bh) * Lq + i) * Lk + j);
         ds = f[i * ldf + j] * (tile[e] * drop.factor(flat) - d_rows[i]);
       }
