@@ -209,8 +209,10 @@ def test_cuda_kernels_match_the_reference(cuda_device, dtype, Lq, Lk, masked, p)
         return ((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
     assert rel(out, ref) < 2e-2
-    for name, a, b in zip(("q", "k", "v", "qw", "qb", "kw", "kb"), grads, ref_grads):
+    for name, a, b in zip(("q", "k", "v", "qw", "qb", "kw"), grads, ref_grads):
         assert rel(a, b) < 3e-2, name
+    # d k_bias is exactly 0 (a shift of every key moves each score row by a constant): only rounding noise is left
+    assert (grads[6].double().cpu() - ref_grads[6]).abs().max() < 5e-2 * ref_grads[5].abs().max()
     assert torch.equal(out, qformer_attention(q, k, v, 12, key_mask=mask, dropout_p=p, seed=seed, **norms))
 
 
