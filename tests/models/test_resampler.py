@@ -381,3 +381,39 @@ def test_cuda_fused_path_matches_eager_at_the_sniffer_shape(cuda_device, dtype):
         outs[impl] = (out.float(), x.grad.float())
     for a, b in zip(outs["sdpa"], outs["eager"]):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("preset", ["tiny_sniffer", "tiny_image_decoder"])
+def test_fused_op_path_equals_the_eager_module(preset, monkeypatch):
+    """With the fused op (its reference on the CPU) the module computes the eager formulation, gradients included."""
+    monkeypatch.setattr(QKNormQFormerAttention, "op_on_cpu", True)
+    calls = []
+    original = resampler_module.qformer_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(resampler_module, "qformer_attention", counting)
+    cfg = getattr(QFormerConfig, preset)(dropout=0.0)
+    m = perturbed(cfg).train()
+    torch.manual_seed(4)
+    enc = torch.randn(3, 7, cfg.encoder_width, dtype=torch.float64, requires_grad=True)
+    empty = torch.tensor([[1] * 7, [0] * 7, [1, 1, 0, 0, 1, 1, 1]])  # row 1: nothing visible (uniform attention)
+    torch.testing.assert_close(m(enc, empty), eager_resampler(m, enc, empty), rtol=1e-10, atol=1e-10)
+    calls.clear()
+    mask = torch.tensor([[1] * 7, [1, 0, 1, 0, 1, 1, 1], [1, 1, 0, 0, 1, 1, 1]])
+    out = m(enc, mask)
+    assert len(calls) == cfg.num_layers + len(range(0, cfg.num_layers, cfg.cross_attention_frequency))
+    torch.testing.assert_close(out, eager_resampler(m, enc, mask), rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    leaves = [enc, *m.parameters()]
+    ours = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    monkeypatch.setattr(QKNormQFormerAttention, "op_on_cpu", False)
+    resampler_module.set_attention_implementation(m, "eager")
+    ref = torch.autograd.grad(m(enc, mask), leaves, grad, allow_unused=True)
+    for name, a, b in zip(["enc", *dict(m.named_parameters())], ours, ref):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)

@@ -163,11 +163,17 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
         self.q_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
         self.k_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
 
+    # The op's CPU implementation is its PyTorch reference, slower than SDPA's: CPU runs keep SDPA unless asked.
+    op_on_cpu = False
+
     def uses_op(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Whether `attend` runs the fused op: on the CPU (its reference), and on CUDA where the kernels hold it."""
+        """Whether `attend` runs the fused op: on CUDA where its kernels hold the problem (on the CPU, its reference,
+        only with `op_on_cpu`)."""
         if type(self) is not QKNormQFormerAttention or not self.fused_op:
             return False
-        return q.device.type == "cpu" or cuda_fits(q, k, self.num_attention_heads)
+        if q.device.type == "cpu":
+            return self.op_on_cpu
+        return cuda_fits(q, k, self.num_attention_heads)
 
     @classmethod
     def replacing(
@@ -202,9 +208,9 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention over projected q [B, Lq, hidden], k/v [B, Lk, hidden] (last dim contiguous; strided
         views of a wider projection are fine) -> [B, Lq, hidden]. With `key_mask` ([B, Lk] bool, or None with
-        `mask` None) it is the fused op `deem::qformer_attention` (qk-norm, softmax, dropout and P·V in one CUDA
-        launch each way where it fits, its PyTorch reference on the CPU); with an additive/boolean SDPA `mask`, or
-        on CUDA where the op does not fit, qk-norm on the [B, L, H, d] views and one SDPA call."""
+        `mask` None) it is the fused op `deem::qformer_attention` where `uses_op` (qk-norm, softmax, dropout and P·V
+        in one CUDA launch each way); else (an additive/boolean SDPA `mask`, the CPU, or sizes the kernels do not
+        hold) qk-norm on the [B, L, H, d] views and one SDPA call."""
         if mask is None and self.uses_op(q, k):
             norms = {}
             if isinstance(self.q_norm, nn.LayerNorm):
