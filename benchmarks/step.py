@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import gc
 import json
 import statistics
 import sys
@@ -192,12 +193,14 @@ def instrument(parts: list[Component], clock: Clock, capture: dict[str, bool]) -
 
 
 def time_isolated(part: Component, device: torch.device, reps: int) -> dict[str, float | None]:
-    """Median forward and forward + backward time of `part` on its captured inputs (float inputs require grad, as
-    in the step; the backward takes a fixed random output gradient and reaches parameters and inputs), plus the
-    peak memory above what was allocated before the call."""
+    """Median forward and forward + backward time of `part` on its captured inputs, in training mode with autograd
+    on (float inputs require grad, as in the step; the backward takes a fixed random output gradient, drawn once
+    outside the timed region, and reaches parameters and inputs), plus the peak memory of forward + backward above
+    what was allocated before the call."""
     assert part.captured is not None
     clock = Clock(device)
     gen = torch.Generator(device="cpu").manual_seed(1)
+    grads: list[torch.Tensor] = []
 
     def inputs():
         return _map_tensors(part.captured, lambda t: t.detach().requires_grad_(t.is_floating_point()))
@@ -207,17 +210,21 @@ def time_isolated(part: Component, device: torch.device, reps: int) -> dict[str,
         base = memory_now(device)
         reset_peak(device)
         start = clock.mark()
-        with torch.set_grad_enabled(backward):
-            out = [t for t in _tensors(part.module(*args, **kwargs)) if t.is_floating_point() and t.requires_grad]
-            if backward and out:
-                grads = [torch.randn(t.shape, generator=gen).to(t) for t in out]
-                torch.autograd.backward(out, grads)
+        out = [t for t in _tensors(part.module(*args, **kwargs)) if t.is_floating_point()]
+        pairs = [(t, g) for t, g in zip(out, grads) if t.requires_grad]
+        if backward and pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         end = clock.mark()
         clock.sync()
         peak = peak_memory(device)
+        del out, pairs
         part.module.zero_grad(set_to_none=True)
         return clock.elapsed_ms(start, end), (None if peak is None else peak - base)
 
+    with torch.no_grad():  # the output gradients, once
+        args, kwargs = inputs()
+        shapes = [(t.shape, t.dtype) for t in _tensors(part.module(*args, **kwargs)) if t.is_floating_point()]
+    grads.extend(torch.randn(shape, generator=gen).to(device, dtype) for shape, dtype in shapes)
     once(False), once(True)  # warm-up
     fwd = [once(False)[0] for _ in range(reps)]
     both = [once(True) for _ in range(reps)]
@@ -480,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         except torch.OutOfMemoryError:
             print(f"batch {B} does not fit (ours or baseline); trying {B - 1}", file=sys.stderr)
-            torch.cuda.empty_cache()
+        gc.collect()  # the failed attempt's model is free only now, outside the except block
+        torch.cuda.empty_cache()
     if result is None:
         print("no batch size fits", file=sys.stderr)
         return 1

@@ -159,11 +159,12 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
         self.head_dim = head_dim
         self.dropout_p = float(config.attention_probs_dropout_prob)
         self.eps = float(config.layer_norm_eps)
-        self.fused_op = True  # False: always the SDPA formulation
         self.q_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
         self.k_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
 
-    # The op's CPU implementation is its PyTorch reference, slower than SDPA's: CPU runs keep SDPA unless asked.
+    # Class-wide switches (an instance may override them): `fused_op = False` always takes the SDPA formulation;
+    # the op's CPU implementation is its PyTorch reference, slower than SDPA, so the CPU keeps SDPA unless `op_on_cpu`.
+    fused_op = True
     op_on_cpu = False
 
     def uses_op(self, q: torch.Tensor, k: torch.Tensor) -> bool:
