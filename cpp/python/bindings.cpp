@@ -10,6 +10,7 @@
 
 #include "deem/mmfs.h"
 #include "deem/msda.h"
+#include "registrations.h"
 #include "tensor_arg.h"
 
 namespace py = pybind11;
@@ -399,6 +400,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = DEEM_VERSION;
   m.def("cuda_kernels_built", &deem::cuda_kernels_built, "Whether the CUDA kernels were compiled in.");
   m.attr("max_levels") = deem::kMaxLevels;
+  deem::python::register_masked_mse(m);
+  deem::python::register_resampler(m);
   m.def("msda_forward", &msda_forward, py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
         py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("output"), py::arg("stream") = 0,
         py::arg("num_threads") = 1,

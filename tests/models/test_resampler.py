@@ -319,3 +319,102 @@ def test_low_precision_and_autocast_with_mask():
     out16 = m.to(torch.bfloat16)(enc.bfloat16(), mask)
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
     torch.testing.assert_close(out16.float(), ref, rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention implementations and the fused-projection path
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny_visual_tokenizer", "tiny_image_decoder"])
+def test_fused_projections_equal_hf_layers_and_eager_with_gradients(preset):
+    """The default path (one GEMM for all cross-attention K/V, one per self-attention QKV) computes the same
+    outputs and gradients as HF's layer code with SDPA and with the eager baseline attention."""
+    cfg = getattr(QFormerConfig, preset)(dropout=0.0)
+    m = perturbed(cfg).train()
+    torch.manual_seed(3)
+    enc = torch.randn(3, 7, cfg.encoder_width, dtype=torch.float64)
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1]])
+    grad = torch.randn(3, cfg.num_queries, cfg.hidden, dtype=torch.float64)
+    results = {}
+    for impl in ("sdpa", "eager"):
+        resampler_module.set_attention_implementation(m, impl)
+        assert m.uses_fused_projections() == (impl == "sdpa")  # the eager baseline keeps HF's layer code
+        for fused in ((True, False) if impl == "sdpa" else (False,)):
+            x = enc.clone().requires_grad_()
+            m.fused_projections = fused  # False: the HF layer loop over the same modules
+            out = m(x, mask)
+            out.backward(grad)
+            results[(impl, fused)] = (out.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()})
+            m.zero_grad()
+        m.fused_projections = True
+    ref_out, ref_x, ref_p = results[("eager", False)]
+    torch.testing.assert_close(ref_out, eager_resampler(m.eval(), enc, mask), rtol=1e-10, atol=1e-10)
+    for key, (out, gx, gp) in results.items():
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10, msg=str(key))
+        torch.testing.assert_close(gx, ref_x, rtol=1e-9, atol=1e-10, msg=str(key))
+        for n, g in gp.items():
+            torch.testing.assert_close(g, ref_p[n], rtol=1e-9, atol=1e-10, msg=f"{key} {n}")
+
+
+def test_unknown_attention_implementation():
+    m = PerceiverResampler(QFormerConfig.tiny_visual_tokenizer())
+    with pytest.raises(ValueError, match="unknown Q-Former attention implementation 'flash'"):
+        resampler_module.set_attention_implementation(m, "flash")
+    assert resampler_module.set_attention_implementation(m, "eager") == 3 + 2  # 3 self + 2 cross
+    assert isinstance(m.blip2qformer.encoder.layer[0].attention.attention, resampler_module.EagerQFormerAttention)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fused_path_matches_eager_at_the_sniffer_shape(cuda_device, dtype):
+    cfg = QFormerConfig.visual_tokenizer_7b(num_layers=4, dropout=0.0)
+    torch.manual_seed(0)
+    m = PerceiverResampler(cfg).to(cuda_device, dtype).train()
+    enc = torch.randn(8, 257, 1024, device=cuda_device, dtype=dtype)
+    grad = torch.randn(8, 77, 768, device=cuda_device, dtype=dtype)
+    outs = {}
+    for impl in ("sdpa", "eager"):
+        resampler_module.set_attention_implementation(m, impl)
+        x = enc.clone().requires_grad_()
+        out = m(x)
+        out.backward(grad)
+        outs[impl] = (out.float(), x.grad.float())
+    for a, b in zip(outs["sdpa"], outs["eager"]):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("preset", ["tiny_visual_tokenizer", "tiny_image_decoder"])
+def test_fused_op_path_equals_the_eager_module(preset, monkeypatch):
+    """With the fused op (its reference on the CPU) the module computes the eager formulation, gradients included."""
+    monkeypatch.setattr(QKNormQFormerAttention, "op_on_cpu", True)
+    calls = []
+    original = resampler_module.qformer_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(resampler_module, "qformer_attention", counting)
+    cfg = getattr(QFormerConfig, preset)(dropout=0.0)
+    m = perturbed(cfg).train()
+    torch.manual_seed(4)
+    enc = torch.randn(3, 7, cfg.encoder_width, dtype=torch.float64, requires_grad=True)
+    empty = torch.tensor([[1] * 7, [0] * 7, [1, 1, 0, 0, 1, 1, 1]])  # row 1: nothing visible (uniform attention)
+    torch.testing.assert_close(m(enc, empty), eager_resampler(m, enc, empty), rtol=1e-10, atol=1e-10)
+    calls.clear()
+    mask = torch.tensor([[1] * 7, [1, 0, 1, 0, 1, 1, 1], [1, 1, 0, 0, 1, 1, 1]])
+    out = m(enc, mask)
+    assert len(calls) == cfg.num_layers + len(range(0, cfg.num_layers, cfg.cross_attention_frequency))
+    torch.testing.assert_close(out, eager_resampler(m, enc, mask), rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    leaves = [enc, *m.parameters()]
+    ours = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    monkeypatch.setattr(QKNormQFormerAttention, "op_on_cpu", False)
+    resampler_module.set_attention_implementation(m, "eager")
+    ref = torch.autograd.grad(m(enc, mask), leaves, grad, allow_unused=True)
+    for name, a, b in zip(["enc", *dict(m.named_parameters())], ours, ref):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)

@@ -6,8 +6,13 @@ transformers: after construction every ``Blip2QFormerMultiHeadAttention`` instan
 Linear modules (so HF's initialisation is kept) and adds ``q_norm``/``k_norm``. Its attention math is
 PyTorch SDPA, equal to the eager form ``softmax(LN(Q)·LN(K)ᵀ/√d + mask) → dropout → ·V``.
 
-The top-level forward (LayerNorm → dropout → HF's layers) is written here, so the encoder mask has
+The top-level forward (LayerNorm → dropout → the layers) is written here, so the encoder mask has
 one format (additive, ``(1 − m)·finfo.min``, as in the original) whatever the transformers version.
+By default it runs the layers' own sub-modules with fewer, larger GEMMs (one for the key/value projections
+of every cross-attention layer, which all read the same encoder states; one per self-attention for Q/K/V);
+``fused_projections = False`` runs HF's layer code instead. :class:`EagerQFormerAttention` is the original's
+eager attention math over the same parameters (the baseline of benchmarks/step.py), selected with
+:func:`set_attention_implementation`.
 
 Parameter names equal the original's ``perceiver_resampler.*`` (transformers 4.31 + its qk-norm patch):
 
@@ -32,6 +37,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2QFormerMultiHeadAttention
+
+from deem.ops.resampler import cuda_fits, qformer_attention
 
 
 @dataclass
@@ -151,8 +158,23 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
         self.is_cross_attention = is_cross_attention
         self.head_dim = head_dim
         self.dropout_p = float(config.attention_probs_dropout_prob)
+        self.eps = float(config.layer_norm_eps)
         self.q_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
         self.k_norm: nn.Module = nn.LayerNorm(head_dim, eps=config.layer_norm_eps) if qk_norm else nn.Identity()
+
+    # Class-wide switches (an instance may override them): `fused_op = False` always takes the SDPA formulation;
+    # the op's CPU implementation is its PyTorch reference, slower than SDPA, so the CPU keeps SDPA unless `op_on_cpu`.
+    fused_op = True
+    op_on_cpu = False
+
+    def uses_op(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether `attend` runs the fused op: on CUDA where its kernels hold the problem (on the CPU, its reference,
+        only with `op_on_cpu`)."""
+        if type(self) is not QKNormQFormerAttention or not self.fused_op:
+            return False
+        if q.device.type == "cpu":
+            return self.op_on_cpu
+        return cuda_fits(q, k, self.num_attention_heads)
 
     @classmethod
     def replacing(
@@ -181,9 +203,28 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
             kv_in, mask = encoder_hidden_states, encoder_attention_mask
         else:
             kv_in, mask = hidden_states, attention_mask
-        q = self.q_norm(self._split(self.query(hidden_states)))
-        k = self.k_norm(self._split(self.key(kv_in)))
-        v = self._split(self.value(kv_in))
+        return self.attend(self.query(hidden_states), self.key(kv_in), self.value(kv_in), mask), None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention over projected q [B, Lq, hidden], k/v [B, Lk, hidden] (last dim contiguous; strided
+        views of a wider projection are fine) -> [B, Lq, hidden]. With `key_mask` ([B, Lk] bool, or None with
+        `mask` None) it is the fused op `deem::qformer_attention` where `uses_op` (qk-norm, softmax, dropout and P·V
+        in one CUDA launch each way); else (an additive/boolean SDPA `mask`, the CPU, or sizes the kernels do not
+        hold) qk-norm on the [B, L, H, d] views and one SDPA call."""
+        if mask is None and self.uses_op(q, k):
+            norms = {}
+            if isinstance(self.q_norm, nn.LayerNorm):
+                norms = dict(q_norm=(self.q_norm.weight, self.q_norm.bias),
+                             k_norm=(self.k_norm.weight, self.k_norm.bias))
+            return qformer_attention(q, k, v, self.num_attention_heads, key_mask=key_mask, eps=float(self.eps),
+                                     scale=self.head_dim**-0.5, dropout_p=self.dropout_p if self.training else 0.0,
+                                     **norms)
+        if key_mask is not None:  # the original's additive form: an all-masked row attends uniformly
+            mask = additive_mask(key_mask, q.dtype)
+        q = self.q_norm(self._split(q))
+        k = self.k_norm(self._split(k))
+        v = self._split(v)
         if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(
@@ -194,8 +235,59 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
             dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.head_dim**-0.5,
         )
-        out = out.transpose(-3, -2).flatten(-2)
-        return out, None
+        return out.transpose(-3, -2).flatten(-2)
+
+
+class EagerQFormerAttention(QKNormQFormerAttention):
+    """The original's eager attention math over the same parameters (transformers' Blip2 eager path plus
+    DEEM's qk-norm patch): matmul → scale → add mask → softmax → dropout → matmul → permute. The baseline
+    of benchmarks/step.py and an oracle in tests; equal to :class:`QKNormQFormerAttention` up to rounding."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        if encoder_hidden_states is not None:
+            kv_in, mask = encoder_hidden_states, encoder_attention_mask
+        else:
+            kv_in, mask = hidden_states, attention_mask
+        q = self.q_norm(self._split(self.query(hidden_states)))
+        k = self.k_norm(self._split(self.key(kv_in)))
+        v = self._split(self.value(kv_in))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / (self.head_dim**0.5)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask.to(scores.dtype)
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=self.dropout_p, training=self.training)
+        out = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()
+        return out.flatten(-2), None
+
+
+ATTENTION_IMPLEMENTATIONS: dict[str, type[QKNormQFormerAttention]] = {
+    "sdpa": QKNormQFormerAttention,
+    "eager": EagerQFormerAttention,
+}
+
+
+def set_attention_implementation(module: nn.Module, name: str) -> int:
+    """Switch every Q-Former attention inside `module` to implementation `name` (same parameters, so a
+    state dict drives all of them); returns how many were switched."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown Q-Former attention implementation {name!r}; "
+                         f"expected one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
+    cls = ATTENTION_IMPLEMENTATIONS[name]
+    count = 0
+    for m in module.modules():
+        if isinstance(m, QKNormQFormerAttention):
+            m.__class__ = cls
+            count += 1
+    return count
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -228,6 +320,7 @@ class PerceiverResampler(nn.Module):
         with torch.no_grad():
             self.queries.normal_(0.0, config.initializer_range)
         self.gradient_checkpointing = False
+        self.fused_projections = True  # False: HF's layer code (same function, more and smaller GEMMs)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -261,8 +354,9 @@ class PerceiverResampler(nn.Module):
             )
         b, length = encoder_hidden_states.shape[:2]
         dtype = self.queries.dtype
-        mask = None
+        mask = key_mask = None
         if encoder_attention_mask is not None:
+            key_mask = (encoder_attention_mask != 0).contiguous()
             if tuple(encoder_attention_mask.shape) != (b, length):
                 raise ValueError(
                     f"PerceiverResampler: encoder_attention_mask must be [B, L] = [{b}, {length}], "
@@ -278,6 +372,15 @@ class PerceiverResampler(nn.Module):
         h = qf.dropout(qf.layernorm(self.queries.expand(b, -1, -1)))
         enc = encoder_hidden_states.to(dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if self.uses_fused_projections():
+            cross_kv = iter(self._cross_keys_values(enc))
+            for layer in qf.encoder.layer:
+                k, v = next(cross_kv) if layer.has_cross_attention else (None, None)
+                if checkpointing:
+                    h = checkpoint(self._layer, layer, h, k, v, key_mask, use_reentrant=False)
+                else:
+                    h = self._layer(layer, h, k, v, key_mask)
+            return h
         for layer in qf.encoder.layer:
             if checkpointing:
                 h = checkpoint(
@@ -286,3 +389,37 @@ class PerceiverResampler(nn.Module):
             else:
                 h = layer(h, None, enc, encoder_attention_mask=mask, query_length=c.num_queries)
         return h
+
+    # -------------------------------------------------------------------------------------------- fused path
+    # The same function as HF's layers with fewer, larger GEMMs: the key/value projections of every
+    # cross-attention layer read the same encoder states, so they run as one GEMM over the concatenated
+    # weights (12 GEMMs -> 1 for the sniffer); each self-attention's Q/K/V projections run as one GEMM.
+
+    def uses_fused_projections(self) -> bool:
+        """The fused path serves the default attention (SDPA); the eager baseline keeps HF's layer code."""
+        attentions = [m for m in self.modules() if isinstance(m, QKNormQFormerAttention)]
+        return self.fused_projections and all(type(m) is QKNormQFormerAttention for m in attentions)
+
+    def _cross_keys_values(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layers = self.blip2qformer.encoder.layer
+        atts = [layer.crossattention.attention for layer in layers if layer.has_cross_attention]
+        weight = torch.cat([w for a in atts for w in (a.key.weight, a.value.weight)])
+        bias = torch.cat([b for a in atts for b in (a.key.bias, a.value.bias)])
+        kv = F.linear(enc, weight, bias).split(self.config.hidden, dim=-1)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(len(atts))]
+
+    @staticmethod
+    def _layer(layer: nn.Module, h: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               key_mask: torch.Tensor | None) -> torch.Tensor:
+        """One Blip2QFormerLayer on the query tokens (self-attention, cross-attention on precomputed k/v, FFN);
+        key_mask [B, Lk] bool (True = attend) or None."""
+        block = layer.attention
+        att = block.attention
+        weight = torch.cat([att.query.weight, att.key.weight, att.value.weight])
+        bias = torch.cat([att.query.bias, att.key.bias, att.value.bias])
+        q, ks, vs = F.linear(h, weight, bias).split(h.shape[-1], dim=-1)
+        h = block.output(att.attend(q, ks, vs), h)
+        if layer.has_cross_attention:
+            cross = layer.crossattention
+            h = cross.output(cross.attention.attend(cross.attention.query(h), k, v, key_mask=key_mask), h)
+        return layer.output_query(layer.intermediate_query(h), h)

@@ -94,6 +94,13 @@ def register_kernels(op, kernel: Callable, reference: Callable) -> None:
     _registered.append(op)
 
 
+def register_cuda_kernel(op, kernel: Callable) -> None:
+    """Serve `op` on CUDA by `kernel` (which itself falls back to the reference where the build or the problem has
+    no compiled kernel); the CPU and every other device run the op's default implementation, the reference."""
+    op.register_kernel("cuda")(kernel)
+    _registered.append(op)
+
+
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
     """Run every deem op (forward and backward) through its PyTorch reference, on every device."""
