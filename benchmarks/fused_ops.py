@@ -2,9 +2,9 @@
 
 * masked-MSE loss (spec/kernels.md §7.2, target <= 10 µs for B <= 64): `deem.ops.masked_mse` vs the model's eager
   `feedback_loss` formula on [B, 4, 64, 64] bf16 predictions, fp32 targets and a binary latent mask;
-* Q-Former attention, one module at the visual tokenizer's shapes (12 heads x 64, qk-LayerNorm; cross 77 x 257, self 77 x 77):
+* Q-Former attention, one module at the Q-Former's shapes (12 heads x 64, qk-LayerNorm; cross 77 x 257, self 77 x 77):
   `deem.ops.qformer_attention` vs LayerNorm + SDPA (the previous formulation) vs the eager matmul/softmax/matmul;
-* the whole visual-tokenizer Q-Former (12 layers, 77 queries over 257 keys) at B images: ours (fused projections + the fused
+* the whole Q-Former (12 layers, 77 queries over 257 keys) at B images: ours (fused projections + the fused
   op) vs HF layers with SDPA vs HF layers with the eager attention (the original), in train mode (dropout 0.1).
 
 Medians of CUDA events; "fwd" is the forward, "fwd+bwd" one forward and one backward from a fixed output gradient;

@@ -29,7 +29,7 @@ def test_tiny_step_with_baseline(tmp_path):
     result = json.loads((tmp_path / "step_tiny.json").read_text())
     ours, base = result["variants"]["ours"], result["variants"]["baseline"]
     # the original formulation computes the same function over the same weights (fp32, no dropout in tiny)
-    assert ours["losses_first_step"].keys() == {"txt", "img", "sniffer"}
+    assert ours["losses_first_step"].keys() == {"txt", "img", "feedback"}
     for k, v in ours["losses_first_step"].items():
         assert math.isfinite(v)
         assert base["losses_first_step"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
@@ -38,10 +38,10 @@ def test_tiny_step_with_baseline(tmp_path):
     for variant in (ours, base):
         assert variant["step_ms"] > 0
         assert variant["forward_ms_in_step"]["backward"] > 0
-        assert variant["forward_calls_in_step"]["Q-Former resampler (sniffer side)"] >= 1
+        assert variant["forward_calls_in_step"]["Q-Former resampler (visual tokenizer)"] >= 1
         assert len(variant["profile_top_ops"]) == 5
         iso = variant["isolated"]
-        assert {"Q-Former resampler (sniffer side)", "MMFSNet (UNet feature path, all blocks)",
+        assert {"Q-Former resampler (visual tokenizer)", "MMFSNet (UNet feature path, all blocks)",
                 "image decoder Q-Former"} <= set(iso)
         assert any(k.startswith("MMFS cross-attention") for k in iso)
         assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in iso.values())

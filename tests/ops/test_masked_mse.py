@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deem.models.diffusion import latent_region_mask, feedback_loss
+from deem.models.diffusion import feedback_loss, latent_region_mask
 from deem.ops import masked_mse, reference_kernels
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

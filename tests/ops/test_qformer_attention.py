@@ -1,6 +1,6 @@
 """deem.ops.qformer_attention: the fused Q-Former attention (qk-LayerNorm, masked softmax, hash dropout, P·V) against
 an independent float64 formulation, its closed-form backward (gradcheck), dropout, edge cases and bad input; the CUDA
-kernels (-m cuda) against the reference at the sniffer's shapes and under CUDA-graph capture."""
+kernels (-m cuda) against the reference at the visual tokenizer's shapes and under CUDA-graph capture."""
 
 from __future__ import annotations
 
