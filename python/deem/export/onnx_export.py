@@ -9,7 +9,9 @@ domain nodes through the exporter's custom translation table, or with `decompose
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -138,6 +140,34 @@ def _to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names: 
     return {name: [list(s) for s in v] for name, v in shapes.items()}
 
 
+# the named axes of each graph: (input, axis) -> name; the exporter writes symbols (s0, s1 + 1, ...)
+AXES = {
+    "vision": {("pixels", 0): "images"},
+    "prefill": {("input_ids", 0): "batch", ("input_ids", 1): "sequence", ("image_embeds", 1): "images"},
+    "decode": {("input_ids", 0): "batch", ("past_key.0", 2): "past_sequence", ("image_visible", 1): "images"},
+}
+
+
+def _name_axes(path: Path, axes: dict[tuple[str, int], str]) -> None:
+    """Rewrite the exporter's dimension symbols as the axis names of `axes` in every shape of the graph file."""
+    import onnx
+
+    model = onnx.load(str(path))
+    names: dict[str, str] = {}
+    for v in model.graph.input:
+        for axis, d in enumerate(v.type.tensor_type.shape.dim):
+            if (v.name, axis) in axes and d.dim_param:
+                names[d.dim_param] = axes[(v.name, axis)]
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
+    for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
+    onnx.save(model, str(path))
+
+
 def _io(model_proto) -> dict[str, Any]:
     import onnx
 
@@ -164,7 +194,10 @@ def export_model(model, out: str | Path, dtype: str = "fp32", decompose_ops: boo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    param = next(model.parameters())
+    if (param.dtype, param.device) != (torch_dtype, torch.device(device)):
+        model = copy.deepcopy(model).to(device=device, dtype=torch_dtype)  # the caller's model stays as it is
+    model = model.eval()
     facts = ModelFacts.of(model)
     if facts.cross_layers == 0:
         raise ExportError("the model has no cross-attention layers: nothing carries the images to the LLM")
@@ -180,6 +213,7 @@ def export_model(model, out: str | Path, dtype: str = "fp32", decompose_ops: boo
         for name, (module, args, shapes, inputs, outputs) in jobs.items():
             path = out / f"{name}.onnx"
             levels = _to_onnx(module, args, shapes, inputs, outputs, path, decompose_ops)
+            _name_axes(path, AXES[name])
             proto = onnx.load(str(path), load_external_data=False)
             graphs[name] = {"file": path.name, **_io(proto), "custom_nodes": sorted(
                 {n.op_type for n in proto.graph.node if n.domain == DOMAIN}), "level_shapes": levels}
