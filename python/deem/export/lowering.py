@@ -76,23 +76,23 @@ def translation_table(shapes: dict[str, Shapes]) -> dict[Callable, Callable]:
     opset = values.Opset(DOMAIN, DOMAIN_VERSION)
     table: dict[Callable, Callable] = {}
     if "MsDeformAttn" in shapes:
-        attrs = _attributes(shapes["MsDeformAttn"])
-        node = values.Op(opset, "MsDeformAttn")
+        msda_attrs = _attributes(shapes["MsDeformAttn"])
+        msda_node = values.Op(opset, "MsDeformAttn")
 
         def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-            return node(value, sampling_locations, attention_weights, **attrs)
+            return msda_node(value, sampling_locations, attention_weights, **msda_attrs)
 
         table[_op("MsDeformAttn")] = ms_deform_attn
     if "MmfsCore" in shapes:
-        attrs = _attributes(shapes["MmfsCore"])
-        node = values.Op(opset, "MmfsCore")
+        mmfs_attrs = _attributes(shapes["MmfsCore"])
+        mmfs_node = values.Op(opset, "MmfsCore")
 
         def mmfs_core(value, spatial_shapes, level_start_index, sampling_locations, attention_logits, image_visible,
                       ignore_token=None):
             inputs = [value, sampling_locations, attention_logits, image_visible]
             if ignore_token is not None:
                 inputs.append(ignore_token)
-            out, lse = node(*inputs, **attrs, _outputs=2)
+            out, lse = mmfs_node(*inputs, **mmfs_attrs, _outputs=2)
             return out, lse
 
         table[_op("MmfsCore")] = mmfs_core

@@ -76,13 +76,13 @@ def _example_vision(f: ModelFacts, dtype: torch.dtype, device):
     return (pixels,), ({0: images},), ["pixels"], ["image_embeds", "image_features"]
 
 
-def _prompt_ids(f: ModelFacts, B: int, L: int, I: int, device) -> torch.Tensor:
+def _prompt_ids(f: ModelFacts, B: int, L: int, n_img: int, device) -> torch.Tensor:
     """Prompts with I images each (<soi> + image tokens), text before and after: any valid ids work for tracing."""
     sp = f.special_tokens
     ids = torch.full((B, L), 5, dtype=torch.long)
     ids[:, 0] = sp["bos"]
     pos = 1
-    for _ in range(I):
+    for _ in range(n_img):
         ids[:, pos] = sp["soi"]
         ids[:, pos + 1: pos + 1 + f.num_img_token] = sp["image"]
         pos += 1 + f.num_img_token
@@ -90,26 +90,26 @@ def _prompt_ids(f: ModelFacts, B: int, L: int, I: int, device) -> torch.Tensor:
 
 
 def _example_prefill(f: ModelFacts, dtype: torch.dtype, device):
-    B, I = 2, 2
-    L = 3 + I * (1 + f.num_img_token)
-    ids = _prompt_ids(f, B, L, I, device)
+    B, n_img = 2, 2
+    L = 3 + n_img * (1 + f.num_img_token)
+    ids = _prompt_ids(f, B, L, n_img, device)
     mask = torch.ones(B, L, dtype=torch.long, device=device)
-    embeds = torch.randn(B, I, f.num_img_token, f.hidden, dtype=dtype, device=device)
-    feats = torch.randn(B, I, f.image_rows, f.vision_width, dtype=dtype, device=device)
+    embeds = torch.randn(B, n_img, f.num_img_token, f.hidden, dtype=dtype, device=device)
+    feats = torch.randn(B, n_img, f.image_rows, f.vision_width, dtype=dtype, device=device)
     batch, seq, images = Dim("batch", min=1, max=1024), Dim("sequence", min=2, max=f.context), Dim("images", max=1024)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: images}, {0: batch, 1: images})
     return (ids, mask, embeds, feats), shapes, ["input_ids", "attention_mask", "image_embeds", "image_features"]
 
 
 def _example_decode(f: ModelFacts, dtype: torch.dtype, device):
-    B, T, I = 2, 6, 2
+    B, T, n_img = 2, 6, 2
     ids = torch.full((B, 1), 5, dtype=torch.long, device=device)
     positions = torch.full((B, 1), T, dtype=torch.long, device=device)
     mask = torch.ones(B, T + 1, dtype=torch.long, device=device)
     past = [torch.randn(B, f.kv_heads, T, f.head_dim, dtype=dtype, device=device) for _ in range(2 * f.layers)]
-    values = [torch.randn(B, I * f.image_rows, f.mmfs_heads, f.mmfs_head_dim, dtype=dtype, device=device)
+    values = [torch.randn(B, n_img * f.image_rows, f.mmfs_heads, f.mmfs_head_dim, dtype=dtype, device=device)
               for _ in range(f.cross_layers)]
-    visible = torch.ones(B, I, dtype=torch.bool, device=device)
+    visible = torch.ones(B, n_img, dtype=torch.bool, device=device)
     has_images = torch.ones(B, dtype=torch.bool, device=device)
     batch, past_len = Dim("batch", min=1, max=1024), Dim("past_sequence", min=1, max=f.context - 1)
     images = Dim("images", max=1024)
@@ -183,6 +183,39 @@ def _io(model_proto) -> dict[str, Any]:
     return {"inputs": describe(model_proto.graph.input), "outputs": describe(model_proto.graph.output)}
 
 
+def _graph_job(model, name: str, facts: ModelFacts):
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    if name == "vision":
+        return (VisionGraph(model), *_example_vision(facts, dtype, device))
+    if name == "prefill":
+        graph = PrefillGraph(model)
+        return (graph, *_example_prefill(facts, dtype, device), graph.output_names())
+    if name == "decode":
+        graph = DecodeGraph(model)
+        return (graph, *_example_decode(facts, dtype, device), graph.input_names(), graph.output_names())
+    raise ExportError(f"unknown graph {name!r} ({', '.join(GRAPHS)})")
+
+
+@torch.no_grad()
+def export_graph(model, name: str, path: str | Path, decompose_ops: bool = False) -> dict[str, Any]:
+    """Export one graph ("vision", "prefill" or "decode") of `model` (in eval mode, in the dtype and on the device
+    to export) to `path`; returns its manifest entry."""
+    import onnx
+
+    path = Path(path)
+    facts = ModelFacts.of(model)
+    if facts.cross_layers == 0:
+        raise ExportError("the model has no cross-attention layers: nothing carries the images to the LLM")
+    module, args, shapes, inputs, outputs = _graph_job(model, name, facts)
+    levels = _to_onnx(module, args, shapes, inputs, outputs, path, decompose_ops)
+    _name_axes(path, AXES[name])
+    proto = onnx.load(str(path), load_external_data=False)
+    return {"file": path.name, **_io(proto),
+            "custom_nodes": sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN}),
+            "level_shapes": levels}
+
+
 def export_model(model, out: str | Path, dtype: str = "fp32", decompose_ops: bool = False,
                  tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Export `model` (a `DeemModel`) into directory `out`: vision.onnx, prefill.onnx, decode.onnx, tokenizer/
@@ -198,25 +231,7 @@ def export_model(model, out: str | Path, dtype: str = "fp32", decompose_ops: boo
     if (param.dtype, param.device) != (torch_dtype, torch.device(device)):
         model = copy.deepcopy(model).to(device=device, dtype=torch_dtype)  # the caller's model stays as it is
     model = model.eval()
-    facts = ModelFacts.of(model)
-    if facts.cross_layers == 0:
-        raise ExportError("the model has no cross-attention layers: nothing carries the images to the LLM")
-    prefill, decode = PrefillGraph(model), DecodeGraph(model)
-    jobs = {
-        "vision": (VisionGraph(model), *_example_vision(facts, torch_dtype, device)),
-        "prefill": (prefill, *_example_prefill(facts, torch_dtype, device), prefill.output_names()),
-        "decode": (decode, *_example_decode(facts, torch_dtype, device), decode.input_names(),
-                   decode.output_names()),
-    }
-    graphs: dict[str, Any] = {}
-    with torch.no_grad():
-        for name, (module, args, shapes, inputs, outputs) in jobs.items():
-            path = out / f"{name}.onnx"
-            levels = _to_onnx(module, args, shapes, inputs, outputs, path, decompose_ops)
-            _name_axes(path, AXES[name])
-            proto = onnx.load(str(path), load_external_data=False)
-            graphs[name] = {"file": path.name, **_io(proto), "custom_nodes": sorted(
-                {n.op_type for n in proto.graph.node if n.domain == DOMAIN}), "level_shapes": levels}
+    graphs = {name: export_graph(model, name, out / f"{name}.onnx", decompose_ops) for name in GRAPHS}
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
     manifest = {
@@ -226,13 +241,17 @@ def export_model(model, out: str | Path, dtype: str = "fp32", decompose_ops: boo
         "opset": {"": OPSET, **({} if decompose_ops else {DOMAIN: DOMAIN_VERSION})},
         "torch": torch.__version__,
         "onnx": onnx.__version__,
-        "model": facts.__dict__,
+        "model": facts_dict(model),
         "graphs": graphs,
         "tokenizer": "tokenizer" if tokenizer_dir is not None else None,
         "custom_nodes": None if decompose_ops else schema_json(),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def facts_dict(model) -> dict[str, Any]:
+    return dict(ModelFacts.of(model).__dict__)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", decompose_ops: bool = False

@@ -2,10 +2,11 @@
 (`torch.ops.deem.*`, the CPU kernels of deem._C; the CUDA ones when the tensors are on a GPU are not used here:
 extensions hands the op host arrays).
 
-onnxruntime-extensions registers Python ops in its own domain (`ai.onnx.contrib`), one per op type and dtype
-signature, with scalar attributes only. `bind_custom_nodes` therefore rewrites a graph's `deem` nodes for it, in
-memory: `deem::MmfsCore` -> `ai.onnx.contrib::DeemMmfsCore_<dtype>`, the INTS attribute `spatial_shapes` as a
-comma-separated string. The files on disk keep the `deem` nodes that TensorRT's parser maps to our plugins.
+onnxruntime-extensions registers Python ops in its own domain (`ai.onnx.contrib`), with one dtype signature per op
+type, scalar attributes only and float32 (not float16) tensors. `bind_custom_nodes` therefore rewrites a graph's
+`deem` nodes for it, in memory: `deem::MmfsCore` -> `ai.onnx.contrib::DeemMmfsCore`, the INTS attribute
+`spatial_shapes` as a comma-separated string, Casts around the op in fp16 graphs. The files on disk keep the `deem`
+nodes that TensorRT's parser maps to our plugins.
 """
 
 from __future__ import annotations
@@ -54,55 +55,63 @@ def register_ops() -> str:
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
     if not _registered:
-        dt = {"float": PyCustomOpDef.dt_float, "float16": PyCustomOpDef.dt_float16}
         f32, boolean = PyCustomOpDef.dt_float, PyCustomOpDef.dt_bool
         attrs = {"spatial_shapes": PyCustomOpDef.dt_string}
-        for name, t in dt.items():
-            onnx_op(op_type=f"DeemMmfsCore_{name}", inputs=[t, f32, f32, boolean, t], outputs=[t, f32],
-                    attrs=attrs)(_mmfs_core)
-            for w_name, w in {"float": f32, name: t}.items():
-                onnx_op(op_type=f"DeemMsDeformAttn_{name}_{w_name}", inputs=[t, f32, w], outputs=[t],
-                        attrs=attrs)(_ms_deform_attn)
+        onnx_op(op_type="DeemMmfsCore", inputs=[f32, f32, f32, boolean, f32], outputs=[f32, f32],
+                attrs=attrs)(_mmfs_core)
+        onnx_op(op_type="DeemMsDeformAttn", inputs=[f32, f32, f32], outputs=[f32], attrs=attrs)(_ms_deform_attn)
         _registered = True
     return get_library_path()
 
 
 def bind_custom_nodes(model, value_type: str = "float"):
-    """A copy of `model` (onnx.ModelProto) whose `deem` nodes are onnxruntime-extensions ops (see the module);
-    `value_type` ("float", "float16"): the values' dtype where shape inference cannot tell it."""
+    """A copy of `model` (onnx.ModelProto) whose `deem` nodes are onnxruntime-extensions ops (see the module).
+
+    Its Python-op API takes float32 tensors only (a float16 tensor aborts the process: "Type float16 not supported
+    by python customops api"), so 16-bit values and outputs are cast to float32 around the op: in fp16 graphs the
+    op then runs deem's float32 kernel. `value_type` ("float", "float16"): the values' dtype where shape inference
+    cannot tell it."""
     import onnx
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     inferred = onnx.shape_inference.infer_shapes(model)
-    types: dict[str, str] = {}
+    types: dict[str, int] = {}
     for v in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
-        types[v.name] = onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()
+        types[v.name] = v.type.tensor_type.elem_type
     for init in model.graph.initializer:
-        types[init.name] = onnx.TensorProto.DataType.Name(init.data_type).lower()
-    changed = False
+        types[init.name] = init.data_type
+    default = TensorProto.FLOAT16 if value_type == "float16" else TensorProto.FLOAT
+    nodes, changed = [], False
     for node in model.graph.node:
         if node.domain != DOMAIN:
+            nodes.append(node)
             continue
-        node_type = types.get(node.input[0], value_type)
-        if node.op_type == "MmfsCore":
-            if len(node.input) < 5 or not node.input[4]:
-                raise ValueError("MmfsCore without ignore_token is not bound for ONNX Runtime")
-            op_type = f"DeemMmfsCore_{node_type}"
-        elif node.op_type == "MsDeformAttn":
-            op_type = f"DeemMsDeformAttn_{node_type}_{types.get(node.input[2], node_type)}"
-        else:
+        if node.op_type not in ("MmfsCore", "MsDeformAttn"):
             raise ValueError(f"unknown deem node {node.op_type}")
+        if node.op_type == "MmfsCore" and (len(node.input) < 5 or not node.input[4]):
+            raise ValueError("MmfsCore without ignore_token is not bound for ONNX Runtime")
         shapes = next(a for a in node.attribute if a.name == "spatial_shapes")
-        text = ",".join(str(v) for v in shapes.ints)
-        del node.attribute[:]
-        node.attribute.append(helper.make_attribute("spatial_shapes", text))
-        node.domain, node.op_type = EXT_DOMAIN, op_type
-        if op_type.startswith("DeemMmfsCore") and (len(node.output) < 2 or not node.output[1]):
-            del node.output[1:]
-            node.output.append(f"{node.name}_lse")
+        inputs = list(node.input)
+        for k, name in enumerate(inputs):
+            if types.get(name, default if k == 0 else TensorProto.FLOAT) in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                inputs[k] = f"{node.name}_in{k}_f32"
+                nodes.append(helper.make_node("Cast", [name], [inputs[k]], to=TensorProto.FLOAT))
+        out_type = types.get(node.input[0], default)
+        outputs = list(node.output)
+        if node.op_type == "MmfsCore" and (len(outputs) < 2 or not outputs[1]):
+            outputs = [outputs[0], f"{node.name}_lse"]
+        first = outputs[0]
+        if out_type != TensorProto.FLOAT:
+            outputs[0] = f"{node.name}_out_f32"
+        nodes.append(helper.make_node(f"Deem{node.op_type}", inputs, outputs, name=node.name, domain=EXT_DOMAIN,
+                                      spatial_shapes=",".join(str(v) for v in shapes.ints)))
+        if out_type != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [outputs[0]], [first], to=out_type))
         changed = True
     if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
         kept = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend([*kept, helper.make_opsetid(EXT_DOMAIN, 1)])

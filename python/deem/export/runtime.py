@@ -79,9 +79,9 @@ class OnnxPipeline:
         no row has images: the graphs then gate cross-attention off)."""
         f = self.facts
         B = len(images)
-        I = max(1, max((len(r) for r in images), default=0))
-        embeds = np.zeros((B, I, f["num_img_token"], f["hidden"]), dtype=self.dtype)
-        feats = np.zeros((B, I, f["image_rows"], f["vision_width"]), dtype=self.dtype)
+        slots = max(1, max((len(r) for r in images), default=0))
+        embeds = np.zeros((B, slots, f["num_img_token"], f["hidden"]), dtype=self.dtype)
+        feats = np.zeros((B, slots, f["image_rows"], f["vision_width"]), dtype=self.dtype)
         flat = [np.asarray(p) for r in images for p in r]
         if flat:
             e, v = self.vision(np.stack(flat))
