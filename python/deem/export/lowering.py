@@ -21,7 +21,7 @@ Shapes = tuple[tuple[int, int], ...]
 OPS = {"MsDeformAttn": "ms_deform_attn", "MmfsCore": "mmfs_core"}
 
 
-class ExportError(UserError):
+class ExportError(UserError, ValueError):
     """A model or graph that cannot be exported as asked; the message says why."""
 
 
@@ -163,8 +163,6 @@ def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     shapes = level_shapes(ep)
     if not shapes:
         return ep
-    table = torch.export.default_decompositions()
     makers = {"MsDeformAttn": msda_decomposed, "MmfsCore": mmfs_decomposed}
-    for name, s in shapes.items():
-        table[_op(name)] = makers[name](s)
-    return ep.run_decompositions(table)
+    # only the deem ops: the ONNX exporter runs its own decompositions of the ATen ops afterwards
+    return ep.run_decompositions({_op(name): makers[name](s) for name, s in shapes.items()})
