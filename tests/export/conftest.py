@@ -43,12 +43,16 @@ def checkpoint(model, tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(checkpoint, tmp_path_factory) -> Path:
-    """`deem export onnx` of the checkpoint (fp32, deem custom nodes)."""
+    """`deem export onnx` of the checkpoint (fp32, deem custom nodes), its weights in external-data files as a
+    graph over 2 GB has them (the threshold lowered to 0 bytes)."""
     from deem.cli import main
+    from deem.export import onnx_export
 
     out = tmp_path_factory.mktemp("onnx")
     torch.set_num_threads(1)
-    assert main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+        assert main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     return out
 
 

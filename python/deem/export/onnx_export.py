@@ -30,6 +30,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 GRAPHS = ("vision", "prefill", "decode")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,10 @@ def _to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names: 
                                 input_names=input_names, output_names=output_names, optimize=True, verbose=False)
     if program is None:  # pragma: no cover - torch returns None only for the legacy exporter
         raise ExportError("torch.onnx.export returned no program")
-    program.save(str(path), external_data=False)
+    # protobuf files stop at 2 GB: larger graphs keep their weights in path + ".data"
+    weights = sum(t.numel() * t.element_size() for t in ep.state_dict.values()) + sum(
+        t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
+    program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
     return {name: [list(s) for s in v] for name, v in shapes.items()}
 
 
@@ -152,7 +156,7 @@ def _name_axes(path: Path, axes: dict[tuple[str, int], str]) -> None:
     """Rewrite the exporter's dimension symbols as the axis names of `axes` in every shape of the graph file."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     names: dict[str, str] = {}
     for v in model.graph.input:
         for axis, d in enumerate(v.type.tensor_type.shape.dim):
@@ -165,7 +169,7 @@ def _name_axes(path: Path, axes: dict[tuple[str, int], str]) -> None:
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param:
                 d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
-    onnx.save(model, str(path))
+    onnx.save(model, str(path))  # external-data references (if any) are kept as they are
 
 
 def _io(model_proto) -> dict[str, Any]:

@@ -40,16 +40,19 @@ def session(path: str | Path, providers: Sequence[str] | None = None, value_type
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    model = onnx.load(str(path))
-    if any(n.domain == DOMAIN for n in model.graph.node):
-        try:
-            from deem.export.ort_ops import bind_custom_nodes, register_ops
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ExportError(f"{path} has deem custom nodes: running it needs onnxruntime-extensions "
-                              f"(pip install 'deem[export]'): {exc}") from exc
-        opts.register_custom_ops_library(register_ops())
-        model = bind_custom_nodes(model, value_type)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers or ["CPUExecutionProvider"]))
+    providers = list(providers or ["CPUExecutionProvider"])
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)  # weights stay on disk (graphs may exceed 2 GB)
+    if not any(n.domain == DOMAIN for n in model.graph.node):
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    try:
+        from deem.export.ort_ops import bind_custom_nodes, register_ops
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ExportError(f"{path} has deem custom nodes: running it needs onnxruntime-extensions "
+                          f"(pip install 'deem[export]'): {exc}") from exc
+    opts.register_custom_ops_library(register_ops())
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(bind_custom_nodes(model, value_type).SerializeToString(), opts, providers=providers)
 
 
 class OnnxPipeline:
