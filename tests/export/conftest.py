@@ -10,9 +10,6 @@ import torch
 
 from tests.infer.conftest import NUM_IMG_TOKEN, make_model
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread_everywhere(one_thread):

@@ -171,3 +171,46 @@ def test_custom_node_session_binds_deem_kernels(exported):
         ort.InferenceSession(str(exported / "decode.onnx"), providers=["CPUExecutionProvider"])
     sess = session(exported / "decode.onnx")
     assert "logits" in [o.name for o in sess.get_outputs()]
+
+
+def test_fp16_decode_graph_within_2e3_of_fp32(model, tmp_path):
+    """The decode graph exported in fp16 (deem custom nodes), run by ONNX Runtime, against the fp32 PyTorch graph."""
+    import copy
+
+    from deem.export.onnx_export import export_graph
+
+    half = copy.deepcopy(model).half().eval()
+    export_graph(half, "decode", tmp_path / "decode.onnx")
+    rows = [prompt(model, 2, [40, 41, 42]), prompt(model, 1, [50, 51, 52, 53, 54, 55])]
+    L = max(len(r) for r in rows)
+    ids = torch.full((2, L), model.config.special_tokens["pad"], dtype=torch.long)
+    mask = torch.zeros(2, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+    with torch.no_grad():
+        embeds, feats = VisionGraph(model)(torch.stack(images(model, 4)))
+        packed_e = torch.stack([embeds[:2], embeds[2:]])
+        packed_f = torch.stack([feats[:2], feats[2:]])
+        packed_e[1, 1], packed_f[1, 1] = 0, 0  # the second row has one image
+        prefill = PrefillGraph(model)
+        state = dict(zip(prefill.output_names(), prefill(ids, mask, packed_e, packed_f)))
+        decode = DecodeGraph(model)
+        past = [state[n.replace("past_", "present_")] for n in decode.input_names() if n.startswith("past_")]
+        values = [state[n] for n in decode.input_names() if n.startswith("cross_values")]
+        token = state["logits"].argmax(-1)[:, None]
+        positions = mask.sum(1, keepdim=True)
+        mask1 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        ref = decode(token, positions, mask1, past, values, state["image_visible"], state["has_images"])
+    sess = session(tmp_path / "decode.onnx", value_type="float16")
+    feed = {"input_ids": token.numpy(), "position_ids": positions.numpy(), "attention_mask": mask1.numpy(),
+            "image_visible": state["image_visible"].numpy(), "has_images": state["has_images"].numpy()}
+    for n in decode.input_names():
+        if n.startswith(("past_", "cross_values")):
+            feed[n] = state[n.replace("past_", "present_")].numpy().astype(np.float16)
+    got = sess.run(None, feed)
+    assert got[0].dtype == np.float32 and rel_l2(got[0], ref[0]) <= 2e-3
+    for b, r in enumerate(rows):  # the caches on the valid columns (padding columns hold unused values)
+        cols = [*range(len(r)), L]
+        for g, w in zip(got[1:], ref[1:]):
+            assert g.dtype == np.float16 and rel_l2(torch.from_numpy(g.astype(np.float32))[b, :, cols],
+                                                    w[b, :, cols]) <= 2e-3
