@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     from deem import __version__
     from deem.data.cli import add_data_commands
     from deem.eval.cli import add_eval_commands, add_robustvqa_command
+    from deem.export.cli import add_parser as add_export_command
     from deem.infer.cli import add_infer_commands
     from deem.train.cli import add_train_commands
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_eval_commands(sub)
     add_infer_commands(sub)
+    add_export_command(sub)
     demo = sub.add_parser("demo", help="the whole system on the tiny model and the synthetic world (CPU minutes)")
     demo.add_argument("--out", default="demo_out", help="output directory (report.md, metrics.json, plots)")
     demo.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
