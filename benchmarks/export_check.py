@@ -74,7 +74,7 @@ def check_variant(directory: Path, model: DeemModel, ref_device, args, provs) ->
     np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
     value_type = "float16" if np_dtype == np.float16 else "float"
     cfg = model.config
-    r = int(cfg.sniffer["image_size"])
+    r = int(cfg.image_encoder["image_size"])
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(args.images, 3, r, r, generator=g)
     out: dict = {"custom_nodes": {k: v["custom_nodes"] for k, v in manifest["graphs"].items()}}

@@ -146,12 +146,14 @@ def main(argv=None) -> int:
     p.add_argument("--hf-repeats", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the engine rows with torch.compile'd layers")
     p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, help="the JSON file (or a folder for generate.json)")
     args = p.parse_args(argv)
     args.batch_sizes = args.batch_sizes or ([1, 2] if args.tiny else [1, 8])
     args.prompt_tokens = args.prompt_tokens or (40 if args.tiny else 600)
     args.new_tokens = args.new_tokens or (16 if args.tiny else 128)
     out = args.out or Path(__file__).parent / "results" / ("generate_tiny.json" if args.tiny else "generate.json")
+    if out.is_dir():  # a folder: the default file name inside it
+        out = out / ("generate_tiny.json" if args.tiny else "generate.json")
     if not args.tiny and not torch.cuda.is_available():
         print("benchmarks/generate.py needs a GPU (or --tiny for the CPU smoke check)", file=sys.stderr)
         return 2

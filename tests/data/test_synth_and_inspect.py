@@ -13,7 +13,7 @@ import yaml
 from deem.data import build_collator, build_dataset, inspect, load_tokenizer, synth_world
 from deem.data.cli import add_data_commands
 from deem.data.config import load_data_config
-from deem.data.synth import COLOURS, SHAPES, questions_for, random_scene, render
+from deem.data.synth import COLOURS, SHAPES, main_shape, questions_for, random_scene, render
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,8 +64,11 @@ def test_questions_are_answerable_from_the_scene():
             if q == "How many shapes are there?":
                 assert a == str(len(scene.shapes))
             elif q.startswith("Is there a "):
-                colour, kind = q[len("Is there a "):-1].split(" ")
+                colour, kind = q[len("Is there a "):-len(" in the image?")].split(" ")
                 assert (a == "yes") == any(s.colour == colour and s.kind == kind for s in scene.shapes)
+            elif q.endswith(" the main object in this image?"):
+                kind = q[len("Is "):-len(" the main object in this image?")]
+                assert (a == "yes") == (main_shape(scene).kind == kind)
             elif q.startswith("What colour"):
                 assert a in COLOURS
             else:

@@ -20,7 +20,7 @@ GRAPHS = ("vision", "prefill", "decode")
 
 def images(model, n: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    r = model.config.sniffer["image_size"]
+    r = model.config.image_encoder["image_size"]
     return [torch.rand(3, r, r, generator=g) for _ in range(n)]
 
 

@@ -31,7 +31,8 @@ def left_padded(cfg, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]
 def transformers_ids(model, rows, counts, images, **gen) -> list[list[int]]:
     """generate_texts' rows cut after the first stop token (the rest is pad)."""
     ids, att = left_padded(model.config, rows)
-    out = model.generate_texts(ids, att, images, torch.tensor(counts), **gen)
+    device = images.device  # generate_texts takes its inputs where the model is (the engine moves them itself)
+    out = model.generate_texts(ids.to(device), att.to(device), images, torch.tensor(counts, device=device), **gen)
     return [_cut(model.config, r) for r in out.tolist()]
 
 

@@ -61,7 +61,7 @@ class ModelFacts:
         cross = llm.cross_attention_layers()
         attn = cross[0].attn if cross else None
         sides = [int(s) for s in llm.settings.spatial_shapes]
-        return cls(int(cfg.sniffer["image_size"]), int(cfg.num_img_token), lc.hidden_size, lc.num_hidden_layers,
+        return cls(int(cfg.image_encoder["image_size"]), int(cfg.num_img_token), lc.hidden_size, lc.num_hidden_layers,
                    lc.num_key_value_heads, getattr(lc, "head_dim", None) or lc.hidden_size // lc.num_attention_heads,
                    len(cross), attn.n_heads if attn else 0, attn.head_dim if attn else 0, sum(s * s for s in sides),
                    int(llm.settings.vision_width), int(cfg.text_vocab_size), int(lc.max_position_embeddings),
