@@ -388,6 +388,7 @@ def test_cuda_fused_path_matches_eager_at_the_sniffer_shape(cuda_device, dtype):
 def test_fused_op_path_equals_the_eager_module(preset, monkeypatch):
     """With the fused op (its reference on the CPU) the module computes the eager formulation, gradients included."""
     monkeypatch.setattr(QKNormQFormerAttention, "op_on_cpu", True)
+    monkeypatch.setattr(QKNormQFormerAttention, "fused_op", True)
     calls = []
     original = resampler_module.qformer_attention
 
