@@ -31,7 +31,7 @@ def left_padded(cfg, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]
 def transformers_ids(model, rows, counts, images, **gen) -> list[list[int]]:
     """generate_texts' rows cut after the first stop token (the rest is pad)."""
     ids, att = left_padded(model.config, rows)
-    device = images.device  # generate_texts takes its inputs where the model is (the engine moves them itself)
+    device = next(model.parameters()).device  # generate_texts takes its inputs where the model is
     out = model.generate_texts(ids.to(device), att.to(device), images, torch.tensor(counts, device=device), **gen)
     return [_cut(model.config, r) for r in out.tolist()]
 

@@ -78,8 +78,8 @@ class VisionGraph(nn.Module):
         vis = self.visual_tokenizer(pixels)
         levels = [m for m in vis.multiscale if m.shape[-1] in self.sides]
         if len(levels) != len(self.sides):
-            raise ValueError(f"the image encoder's maps have sides {[m.shape[-1] for m in vis.multiscale]}; the LLM's MMFS "
-                             f"layers expect {list(self.sides)} (check the image size)")
+            raise ValueError(f"the image encoder's maps have sides {[m.shape[-1] for m in vis.multiscale]}; the "
+                             f"LLM's MMFS layers expect {list(self.sides)} (check the image size)")
         features = torch.cat([lvl.flatten(2).transpose(1, 2) for lvl in levels], dim=1)
         return vis.embeds, features
 
