@@ -69,6 +69,9 @@ def demo_model_config(tiny_config: DeemConfig) -> DeemConfig:
     d["unet_gradient_checkpointing"] = False
     d["mmfs_gradient_checkpointing"] = False
     cfg.diffusion = d
-    cfg.image_decoder_resampler = {**cfg.image_decoder_resampler, "hidden": 32, "heads": 4, "intermediate": 64}
+    # BLIP-2's 0.02 initialisation leaves this narrow Q-Former's output almost independent of the LLM context it
+    # reads (the drawn image ignored its caption); 0.2, as the tiny visual tokenizer's Q-Former uses
+    cfg.image_decoder_resampler = {**cfg.image_decoder_resampler, "hidden": 32, "heads": 4, "intermediate": 64,
+                                   "initializer_range": 0.2}
     cfg._validate()
     return cfg
