@@ -44,7 +44,7 @@ from deem.demo.stages import (
     write_configs,
 )
 from deem.demo.world import load_pixels, load_scenes, pretraining_corpus
-from deem.train.checkpoint import write_atomic
+from deem.io import atomic_write_text
 
 EVAL_BENCHMARKS = ["coco_caption", "vqav2_val", "vqav2_shift", "pope_random", "pope_adversarial", "robustvqa_a",
                    "robustvqa_r", "robustvqa_v2"]
@@ -169,8 +169,8 @@ def run_single(out: Path, plan: DemoPlan, console: Console) -> dict[str, Any]:
         "timings": timings,
     }
     report.write_figures(out, world, prefit_logs)
-    write_atomic(out / "metrics.json", json.dumps(payload, indent=1, default=str))
-    write_atomic(out / "report.md", report.render([payload], out))
+    atomic_write_text(out / "metrics.json", json.dumps(payload, indent=1, default=str))
+    atomic_write_text(out / "report.md", report.render([payload], out))
     console.say(f"\nreport: {out / 'report.md'} ({payload['elapsed_s']:.0f} s, peak memory "
                 f"{payload['peak_rss_gib']:.2f} GiB)")
     return payload
@@ -194,8 +194,8 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan | None = None, see
             console.say(f"\n#### seed {plan.seed + k} ({k + 1} of {seeds})")
             runs.append(run_single(out / f"seed-{plan.seed + k}", plan.with_seed(plan.seed + k), console))
         payload = {"seeds": [r["seed"] for r in runs], "runs": runs, "aggregate": aggregate(runs)}
-        write_atomic(out / "metrics.json", json.dumps(payload, indent=1, default=str))
-        write_atomic(out / "report.md", report.render(runs, out))
+        atomic_write_text(out / "metrics.json", json.dumps(payload, indent=1, default=str))
+        atomic_write_text(out / "report.md", report.render(runs, out))
         console.say(f"\nreport over {seeds} seeds: {out / 'report.md'}")
         return payload
     finally:

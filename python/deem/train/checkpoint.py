@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deem.io import atomic_write_text, fsync_path
-from deem.io import atomic_write_text as write_atomic  # noqa: F401  (deem.demo imports this name; prefer deem.io)
 from deem.models.weights import CheckpointError
 
 STATE_FILE = "trainer_state.json"
