@@ -99,6 +99,20 @@ def _optimizer(params, lr: float, steps: int) -> tuple[torch.optim.Optimizer, to
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s + 1, warmup, steps + 1))
 
 
+def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+          losses: list[float], on_step: OnStep, clip: list[nn.Parameter] | None = None) -> None:
+    """One optimizer step of a pre-fit (gradient norm clipped to 1 over `clip` if given); records the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    schedule.step()
+    losses.append(float(loss.detach()))
+    if on_step is not None:
+        on_step(losses[-1])
+
+
 def prefit_vae(model: DeemModel, images_dec: torch.Tensor, steps: int, generator: torch.Generator,
                batch: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6, on_step: OnStep = None) -> FitLog:
     """Fit the model's VAE to reconstruct `images_dec` [N, 3, s, s] in [0, 1], then set its scaling factor to
@@ -114,13 +128,7 @@ def prefit_vae(model: DeemModel, images_dec: torch.Tensor, steps: int, generator
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         loss = F.mse_loss(vae.decode(z).sample, x) + kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(losses[-1])
+        _step(loss, opt, schedule, losses, on_step)
     vae.requires_grad_(False)
     vae.eval()
     with torch.no_grad():
@@ -165,29 +173,20 @@ def prefit_unet(model: DeemModel, images_dec: torch.Tensor, caption_ids: list[li
     unet.train()
     params = [*unet.parameters(), *text.parameters()]
     opt, schedule = _optimizer(params, lr, steps)
-    alphas = diffusion.alphas_cumprod
     T = diffusion.num_train_timesteps
     losses = []
     for idx in _batches(len(mean), batch, steps, generator):
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, T, (len(idx),), generator=generator)
-        ac = alphas[t].view(-1, 1, 1, 1)
-        noisy = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
+        noisy = diffusion.scheduler.add_noise(z0, noise, t)
         ids = ids_all[idx].clone()
         drop = torch.rand(len(idx), generator=generator) < uncond_prob
         ids[drop] = pad_id
         ids[drop, : len(empty)] = empty[: ids.shape[1]]
         pred = unet(noisy, t, text(ids)).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(losses[-1])
+        _step(loss, opt, schedule, losses, on_step, clip=params)
     unet.eval()
     text.eval()
     return FitLog("UNet (text-to-image, noise MSE)", losses), text
@@ -241,13 +240,7 @@ def prefit_encoder(model: DeemModel, images: torch.Tensor, targets: torch.Tensor
             logits = head(features(x))
             loss = sum(F.cross_entropy(logits[:, bounds[k] : bounds[k + 1]], targets[idx, k])
                        for k in range(len(sizes)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(losses[-1])
+            _step(loss, opt, schedule, losses, on_step)
 
     visual.train()
     visual.requires_grad_(False)
