@@ -194,9 +194,9 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str
 
 def main_shape(scene: Scene) -> Shape | None:
     """The scene's main object: its only shape, or its only large one (None when that is ambiguous)."""
-    large = [s for s in scene.shapes if s.size == "large"]
     if len(scene.shapes) == 1:
         return scene.shapes[0]
+    large = [s for s in scene.shapes if s.size == "large"]
     return large[0] if len(large) == 1 else None
 
 
