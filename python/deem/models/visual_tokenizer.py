@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, losses, pack_mmfs_features
+from deem.models.diffusion import DiffusionFeedback, MMFSFeatures, pack_mmfs_features
 from deem.models.mask_pooling import MaskPooling, binary_mask_like
 from deem.models.resampler import PerceiverResampler, QFormerConfig
 from deem.models.vision import ImageEncoder, ImageEncoderConfig
@@ -97,9 +97,8 @@ class VisualTokenizer(nn.Module):
         feats = self.diffusion_features(encoded.multiscale, encoded.masks)
         n = encoded.queries.shape[0]
         ones = torch.ones(n, 1, device=encoded.queries.device, dtype=torch.long)
-        per_pixel = diffusion.loss(images_dec, self.proj_i(encoded.queries), feats, ones, mode="feedback",
-                                   timesteps=timesteps, generator=generator)
-        return losses.feedback_loss(per_pixel, encoded.masks)
+        return diffusion.feedback_loss(images_dec, self.proj_i(encoded.queries), feats, ones, encoded.masks,
+                                       timesteps=timesteps, generator=generator)
 
     def forward(
         self,

@@ -103,6 +103,7 @@ class DiffusionConfig:
     mmfs_max_num_image_per_seq: int = 10
     mmfs_spatial_shapes: tuple[int, ...] = field(default_factory=lambda: image_encoder_feature_shapes(256))
     mmfs_gradient_checkpointing: bool = True
+    mmfs_fused_features: bool = False  # MMFSNet's fused feature path (fused_features.py); same function and params
 
     def __post_init__(self) -> None:
         dicts = (self.unet_config, self.vae_config, self.scheduler_config)

@@ -14,7 +14,7 @@ from torch import nn
 
 from deem.models.diffusion.config import DiffusionConfig
 from deem.models.diffusion.loading import load_components
-from deem.models.diffusion.losses import remap_feedback_timesteps
+from deem.models.diffusion.losses import masked_feedback_loss, remap_feedback_timesteps
 from deem.models.diffusion.mmfs_net import MMFSFeatures, MMFSNet, pack_mmfs_features
 from deem.models.diffusion.unet import check_unet_supported, run_unet
 
@@ -56,7 +56,7 @@ class DiffusionFeedback(nn.Module):
             num_heads=config.mmfs_heads, n_points=config.mmfs_points, n_levels=config.mmfs_levels,
             deform_ratio=config.mmfs_deform_ratio, offset_init_magnitude=config.mmfs_offset_init_magnitude,
             max_num_image_per_seq=config.mmfs_max_num_image_per_seq, spatial_shapes=config.mmfs_spatial_shapes,
-            gradient_checkpointing=config.mmfs_gradient_checkpointing)
+            gradient_checkpointing=config.mmfs_gradient_checkpointing, fused_features=config.mmfs_fused_features)
         if config.unet_gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.set_trainable()
@@ -137,7 +137,38 @@ class DiffusionFeedback(nn.Module):
         timesteps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Element-wise diffusion loss [B, 4, h, w] in fp32 (spec §8.1).
+        """Element-wise diffusion loss [B, 4, h, w] in fp32 (spec §8.1); arguments as `prediction`."""
+        pred, target = self.prediction(images, cond, mmfs_features, mmfs_mask, mode, timesteps, generator)
+        return (pred.float() - target.float()) ** 2
+
+    def feedback_loss(
+        self,
+        images: torch.Tensor,
+        cond: torch.Tensor,
+        mmfs_features: Sequence[torch.Tensor] | MMFSFeatures | None = None,
+        mmfs_mask: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The feedback loss of spec §8.5 (a float32 scalar): the region-masked, area-renormalised denoising MSE
+        through the fused `deem::masked_mse`, never materialising the per-pixel loss. `region_mask`
+        [B, 1, H, W] in image space (None: the whole image); the other arguments as `prediction`, mode "feedback"."""
+        pred, target = self.prediction(images, cond, mmfs_features, mmfs_mask, "feedback", timesteps, generator)
+        return masked_feedback_loss(pred, target, region_mask).float()
+
+    def prediction(
+        self,
+        images: torch.Tensor,
+        cond: torch.Tensor,
+        mmfs_features: Sequence[torch.Tensor] | MMFSFeatures | None = None,
+        mmfs_mask: torch.Tensor | None = None,
+        mode: str = "feedback",
+        timesteps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's prediction (in the UNet dtype) and its fp32 target, [B, 4, h, w] each (spec §8.1); the VAE
+        encodes each image once.
 
         Args:
             images: [B, 3, image_size, image_size] in [0, 1] (not modified).
@@ -185,4 +216,4 @@ class DiffusionFeedback(nn.Module):
             check_batch("mmfs_features", mmfs_features.flat, B)
         pred = run_unet(self.unet, noisy.to(dtype), timesteps, cond.to(dtype), self.mmfs_module, mmfs_features,
                         mmfs_mask)
-        return (pred.float() - target.float()) ** 2
+        return pred, target

@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deem.ops import location_dtype, masked_mse
+from deem.ops.masked_mse import EPS
+
 
 def remap_feedback_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
     """The feedback-mode remap t -> round(0.6 (t - 500) + 500), round half to even, as int64:
@@ -42,6 +45,23 @@ def feedback_loss(per_pixel_mse: torch.Tensor, region_mask: torch.Tensor | None 
     m = latent_region_mask(region_mask.to(loss.device), (h, w))
     scale = (h * w) / (m.sum(dim=(1, 2, 3)) + 1e-8)
     return (loss * m * scale.view(B, 1, 1, 1)).mean()
+
+
+def masked_feedback_loss(pred: torch.Tensor, target: torch.Tensor,
+                         region_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The feedback loss of spec §8.5 from the prediction and the target through the fused `deem::masked_mse` (one
+    op forward and backward, no per-pixel loss tensor): the same value as `feedback_loss((pred - target)²,
+    region_mask)`. `pred` [B, C, h, w] (its grad is in its dtype), `target` likewise; `region_mask` [B, 1, H, W]
+    in image space (None: the whole image, a plain mean). float32 result (float64 for float64 pred)."""
+    if pred.dim() != 4:
+        raise ValueError(f"pred must be [B, C, h, w], got {tuple(pred.shape)}")
+    B, _, h, w = pred.shape
+    if region_mask is None:  # the op scales a maskless mean by P / (P + eps): undo it, a plain mean as before
+        return masked_mse(pred, target.to(location_dtype(pred.dtype)), None) * ((h * w + EPS) / (h * w))
+    if region_mask.shape[0] != B:
+        raise ValueError(f"region_mask batch {region_mask.shape[0]} != pred batch {B}")
+    mask = latent_region_mask(region_mask.to(pred.device), (h, w)) > 0
+    return masked_mse(pred, target.to(location_dtype(pred.dtype)), mask)
 
 
 def generation_loss(per_pixel_mse: torch.Tensor, sample_mask: torch.Tensor) -> torch.Tensor:

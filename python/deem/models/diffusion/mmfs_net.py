@@ -12,6 +12,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from deem.models.diffusion.fused_features import can_fuse, fused_mmfs_residuals
 from deem.models.mmfs import MMFS
 from deem.models.positions import get_abs_pos, sincos_pos_embed_2d
 
@@ -164,12 +165,15 @@ class MMFSNet(nn.Module):
         latent_size: int,
         feat_dim: int = 1024,
         spatial_shapes: Sequence[int] = (64, 32, 16, 8),
+        fused_features: bool = False,
         **block_options: Any,
     ) -> None:
         """`block_options`: the other `MMFSBlock` arguments, the same for every block (attn_dim, num_heads,
-        n_points, n_levels, deform_ratio, offset_init_magnitude, max_num_image_per_seq, gradient_checkpointing)."""
+        n_points, n_levels, deform_ratio, offset_init_magnitude, max_num_image_per_seq, gradient_checkpointing).
+        `fused_features`: run the blocks through the fused path of :mod:`deem.models.diffusion.fused_features`."""
         super().__init__()
         self.feat_dim = feat_dim
+        self.fused_features = fused_features
         self.spatial_shapes = tuple(int(s) for s in spatial_shapes)
         skips, (mid_ch, mid_side) = mmfs_block_layout(block_out_channels, layers_per_block, latent_size)
         self.layout = [*skips, (mid_ch, mid_side)]
@@ -246,6 +250,9 @@ class MMFSNet(nn.Module):
         if feats.flat.shape[0] != mid_sample.shape[0]:
             raise ValueError(f"MMFSNet: features batch {feats.flat.shape[0]} != UNet batch {mid_sample.shape[0]}")
         mask = self._check_inputs(feats, mask)
+        if self.fused_features and can_fuse(self.blocks()):
+            *new_res, new_mid = fused_mmfs_residuals(self.blocks(), [*down_block_res_samples, mid_sample], feats, mask)
+            return tuple(new_res), new_mid
         new_res = tuple(r + blk(r, feats, mask) for r, blk in zip(down_block_res_samples, self.mmfs_down_blocks))
         return new_res, mid_sample + self.mmfs_mid_block(mid_sample, feats, mask)
 
