@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         del net, skips, mid, feats, grads
     meta = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", dtype=args.dtype,
-                reps=args.reps, gradient_checkpointing=args.checkpointing, timed="fwd_ms: MMFSNet forward (no_grad); fwd_bwd_ms: forward + backward")
+                reps=args.reps, gradient_checkpointing=args.checkpointing,
+                timed="fwd_ms: MMFSNet forward (no_grad); fwd_bwd_ms: forward + backward")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "unet_features.json"
     out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
