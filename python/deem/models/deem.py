@@ -272,9 +272,15 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
             dec_side = self.diffusion.unet.config.sample_size * 2 ** (len(vae.block_out_channels) - 1)
             image_dec = hidden.new_zeros(1, 3, dec_side, dec_side)
         vis = self.visual_tokenizer(image, image_dec, None, self.diffusion, feedback, generator)
-        dummy = vis.embeds.sum() + sum(m.sum() for m in vis.multiscale)
+        dummy = vis.embeds.sum() + sum(m.sum() for m in vis.multiscale) + self.soi_token.sum()
         if vis.loss_feedback is not None:
             dummy = dummy + vis.loss_feedback
+        sides = set(self.config.mmfs_settings.spatial_shapes)
+        levels = [m for m in vis.multiscale if m.shape[-1] in sides]
+        context = VisionContext(pack_image_features(levels, torch.ones(1, dtype=torch.long, device=hidden.device)),
+                                [(m.shape[-2], m.shape[-1]) for m in levels], hidden.new_ones(1, 1))
+        for cross in self.llm.cross_attention_layers():  # the MMFS cross-attention a text-only batch skips
+            dummy = dummy + cross(hidden[:1].detach(), context).sum()
         if self.image_decoder is not None:
             ctx = self.context_feat_proj(hidden[:1, :2])
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
