@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +26,11 @@ torch.set_num_threads(1)
 out = sys.argv[1]
 STEPS, TEXT_ONLY_STEP = 3, 1
 world = int(os.environ.get("WORLD_SIZE", "1"))
-if world > 1:
+zero3 = os.environ.get("DEEM_TEST_ZERO3") == "1"
+if zero3:
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+elif world > 1:
     torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank() if world > 1 else 0
 model = make_model()
@@ -39,6 +44,11 @@ opt = torch.optim.SGD(params, lr=0.5)
 net = model
 if world > 1:
     model.rank_uniform = True
+if zero3:
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3,
+          "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9, "zero_allow_untested_optimizer": True}
+    net, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+elif world > 1:
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
 
 
@@ -61,21 +71,27 @@ def parts(step):
 
 losses = []
 for step in range(STEPS):
-    opt.zero_grad(set_to_none=True)
+    if not zero3:
+        opt.zero_grad(set_to_none=True)
     mine = [(i, p) for i, p in enumerate(parts(step)) if world == 1 or i == rank]
     total = 0.0
     for i, part in mine:
         loss = net(**part, generator=torch.Generator().manual_seed(100 * step + i)).loss
-        (loss / len(mine)).backward()
+        net.backward(loss) if zero3 else (loss / len(mine)).backward()
         total += float(loss) / len(mine)
     if world > 1:
         t = torch.tensor([total], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         total = float(t) / world
-    opt.step()
+    net.step() if zero3 else opt.step()
     losses.append(total)
+weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+if zero3:
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trained):
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 if rank == 0:
-    torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, out)
+    torch.save(weights, out)
     with open(out + ".json", "w") as f:
         json.dump(losses, f)
 if world > 1:
@@ -102,3 +118,23 @@ def test_ddp_two_ranks_match_one_process(tmp_path, torchrun):
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.xfail(strict=True, reason="ZeRO-3 still sees different collectives on the two ranks: the generation loss "
+                   "of an image with an earlier image runs modules of the diffusion side that one without skips "
+                   "(gloo: 'Received data size doesn't match expected size'), see docs/train.md")
+def test_zero3_two_ranks_match_one_process(tmp_path, torchrun):
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+    env.update(DS_ACCELERATOR="cpu", DEEM_TEST_ZERO3="1")
+    proc = torchrun([str(script), str(tmp_path / "two.pt")], env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.report()
+    one_losses = json.loads((tmp_path / "one.pt.json").read_text())
+    two_losses = json.loads((tmp_path / "two.pt.json").read_text())
+    for a, b in zip(one_losses, two_losses):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one_losses, two_losses)
