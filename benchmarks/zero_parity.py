@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             work / "zero3",
         ),
     }
+    if stage1:  # not supported yet: the ranks' ZeRO-3 collectives still differ in stage 1 (docs/train.md)
+        print("ZeRO-3 skipped: interleaved stage 1 is not supported under ZeRO-3 yet (docs/train.md)")
+        runs = {k: v for k, v in runs.items() if "ZeRO-3" not in k}
     results = {}
     for name, (cmd, run_dir) in runs.items():
         if run_dir.exists():
