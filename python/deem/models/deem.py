@@ -253,7 +253,40 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
                 hidden, text_ids, vis.multiscale, image_tensors_dec, nearest_bos_idxs, image_loss_mask, generator
             )
             total = total + w_img * loss_img
+        if self.training and self.rank_uniform and vis is None:
+            total = total + self._dummy_visual_path(hidden, want_feedback, generator)
         return DeemOutput(total, loss_txt, loss_img, loss_feedback, logits)
+
+    # set by the trainer on several ranks: a batch without images still runs the image modules (on one blank image,
+    # weighted 0), so that ZeRO-3's parameter gathers and DDP's gradient buckets are the same on every rank
+    rank_uniform: bool = False
+
+    def _dummy_visual_path(self, hidden: torch.Tensor, feedback: bool, generator=None) -> torch.Tensor:
+        """0 x (the visual tokenizer, its feedback loss and the image decoder on one blank image): exactly zero loss
+        and zero gradient, but every one of those modules runs (and its parameters join the graph)."""
+        side = self.config.image_encoder_config.image_size
+        image = hidden.new_zeros(1, 3, side, side)
+        image_dec = None
+        if feedback:
+            vae = self.diffusion.vae.config
+            dec_side = self.diffusion.unet.config.sample_size * 2 ** (len(vae.block_out_channels) - 1)
+            image_dec = hidden.new_zeros(1, 3, dec_side, dec_side)
+        vis = self.visual_tokenizer(image, image_dec, None, self.diffusion, feedback, generator)
+        dummy = vis.embeds.sum() + sum(m.sum() for m in vis.multiscale) + self.soi_token.sum()
+        if vis.loss_feedback is not None:
+            dummy = dummy + vis.loss_feedback
+        sides = set(self.config.mmfs_settings.spatial_shapes)
+        levels = [m for m in vis.multiscale if m.shape[-1] in sides]
+        context = VisionContext(pack_image_features(levels, torch.ones(1, dtype=torch.long, device=hidden.device)),
+                                [(m.shape[-2], m.shape[-1]) for m in levels], hidden.new_ones(1, 1))
+        for cross in self.llm.cross_attention_layers():  # the MMFS cross-attention a text-only batch skips
+            dummy = dummy + cross(hidden[:1].detach(), context).sum()
+        if self.image_decoder is not None:
+            ctx = self.context_feat_proj(hidden[:1, :2])
+            mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
+            dummy = dummy + self.image_decoder(ctx, mask).sum()
+            dummy = dummy + self.image_decoder.neg_prompt_embeds.sum()
+        return dummy * 0.0
 
     def _image_loss(self, hidden, text_ids, multiscale, images_dec, nearest_bos_idxs, image_loss_mask, generator):
         if images_dec is None:

@@ -61,6 +61,8 @@ class Trainer:
         if cfg.run.frozen_dtype:
             self._cast_frozen(model, DTYPES[cfg.run.frozen_dtype])
         self._keep_generated_frozen(model)
+        # every rank runs every module on every step (ZeRO-3 gathers, DDP buckets); one process needs no dummies
+        model.rank_uniform = self.acc.num_processes > 1
         optimizer, self.groups = build_optimizer(model, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
