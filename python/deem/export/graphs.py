@@ -20,13 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from deem.infer.forward import llama_qkv, rms_norm
 from deem.models.mmfs import image_relpos
-
-
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
 class _LLMParts:
@@ -47,21 +43,14 @@ class _LLMParts:
         self.shapes = [(int(s), int(s)) for s in llm.settings.spatial_shapes]
 
     def qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        B, L, _ = h.shape
-        attn = layer.self_attn
-        x = _rms_norm(layer.input_layernorm, h)
-        q = attn.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        return llama_qkv(layer, h, cos, sin, self.head_dim)
 
     def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         groups = self.n_heads // self.kv_heads
         return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.text_head(_rms_norm(self.llm.norm, h)).float()
+        return self.model.text_head(rms_norm(self.llm.norm, h)).float()
 
 
 class VisionGraph(nn.Module):
@@ -149,7 +138,7 @@ class PrefillGraph(nn.Module):
             c = p.cross_index.get(i)
             if c is not None:
                 h = h + p.cross[c].attend(h, values[c], p.shapes, visible) * gate
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+            h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
         last = torch.gather(h, 1, (lengths - 1).clamp_min(0)[:, None, None].expand(B, 1, h.shape[-1]))[:, 0]
         decode_visible = torch.gather(visible, 1, (lengths - 1).clamp_min(0)[:, None, None].expand(B, 1, n_img))[:, 0]
         return (p.head(last), *cache, *values, decode_visible, has_images)
@@ -220,5 +209,5 @@ class DecodeGraph(nn.Module):
                 terms = (F.embedding(relpos, getattr(self, f"relpos_offsets_{k_cross}")),
                          F.embedding(relpos, getattr(self, f"relpos_logits_{k_cross}")))
                 h = h + p.cross[k_cross].attend(h, values[k_cross], p.shapes, visible, terms) * gate
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+            h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
         return (p.head(h[:, 0]), *present)

@@ -25,6 +25,20 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
+def llama_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A LLaMA decoder layer's attention inputs: input RMSNorm, the q/k/v projections as [B, heads, L, head_dim]
+    and the rotary embedding on q and k. The inference engine and the export graphs both start a layer here."""
+    B, L, _ = h.shape
+    attn = layer.self_attn
+    x = rms_norm(layer.input_layernorm, h)
+    q = attn.q_proj(x).view(B, L, -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, L, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, L, -1, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
 @dataclass
 class DecodeInputs:
     """The static inputs of one bucket's decode step (filled before every step, read by the captured graph)."""
@@ -116,7 +130,7 @@ class DecoderForward:
         h = embeds
         for i, layer in enumerate(self.layers):
             residual = h
-            q, k, v = self._qkv(layer, h, cos, sin)
+            q, k, v = llama_qkv(layer, h, cos, sin, self.head_dim)
             views.prompt[i, 0, :G, :, :L].copy_(k)
             views.prompt[i, 1, :G, :, :L].copy_(v)
             if self.kv_heads != self.n_heads:
@@ -131,16 +145,6 @@ class DecoderForward:
             h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
         last = h[torch.arange(G, device=h.device), lengths - 1]
         return self.model.text_head(rms_norm(self.llm.norm, last)).float()
-
-    def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        B, L, _ = h.shape
-        attn = layer.self_attn
-        x = rms_norm(layer.input_layernorm, h)
-        q = attn.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -174,7 +178,7 @@ class DecoderForward:
                     cross) -> torch.Tensor:
         """One decoder layer for one token per row (writes its K/V at column `step` of kn / vn)."""
         residual = h
-        q, k, v = self._qkv(layer, h, cos, sin)  # [R, heads, 1, dh]
+        q, k, v = llama_qkv(layer, h, cos, sin, self.head_dim)  # [R, heads, 1, dh]
         kn.index_copy_(2, step, k)
         vn.index_copy_(2, step, v)
         h = residual + layer.self_attn.o_proj(self._attend(q, kp, vp, prompt_bias, kn, vn, new_mask, B, K))

@@ -201,11 +201,24 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
         **kwargs: object,
     ) -> tuple[torch.Tensor, None]:
         """hidden_states [B, Lq, hidden] (+ encoder_hidden_states [B, Lk, enc]) -> ([B, Lq, hidden], None)."""
+        return self.attend(*self._project(hidden_states, attention_mask, encoder_hidden_states,
+                                          encoder_attention_mask)), None
+
+    def _project(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                 encoder_hidden_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The Blip2 forward arguments -> projected q, k, v and the mask that goes with the keys (self- or
+        cross-attention)."""
         if encoder_hidden_states is not None:
             kv_in, mask = encoder_hidden_states, encoder_attention_mask
         else:
             kv_in, mask = hidden_states, attention_mask
-        return self.attend(self.query(hidden_states), self.key(kv_in), self.value(kv_in), mask), None
+        return self.query(hidden_states), self.key(kv_in), self.value(kv_in), mask
+
+    def _heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected [B, L, hidden] -> per-head [B, H, L, d] with the qk-norm applied to q and k."""
+        return self.q_norm(self._split(q)), self.k_norm(self._split(k)), self._split(v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,9 +237,7 @@ class QKNormQFormerAttention(Blip2QFormerMultiHeadAttention):
                                      **norms)
         if key_mask is not None:  # the original's additive form: an all-masked row attends uniformly
             mask = additive_mask(key_mask, q.dtype)
-        q = self.q_norm(self._split(q))
-        k = self.k_norm(self._split(k))
-        v = self._split(v)
+        q, k, v = self._heads(q, k, v)
         if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(
@@ -253,13 +264,8 @@ class EagerQFormerAttention(QKNormQFormerAttention):
         encoder_attention_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, None]:
-        if encoder_hidden_states is not None:
-            kv_in, mask = encoder_hidden_states, encoder_attention_mask
-        else:
-            kv_in, mask = hidden_states, attention_mask
-        q = self.q_norm(self._split(self.query(hidden_states)))
-        k = self.k_norm(self._split(self.key(kv_in)))
-        v = self._split(self.value(kv_in))
+        q, k, v, mask = self._project(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask)
+        q, k, v = self._heads(q, k, v)
         scores = torch.matmul(q, k.transpose(-1, -2)) / (self.head_dim**0.5)
         if mask is not None:
             if mask.dtype == torch.bool:
