@@ -31,7 +31,7 @@ from deem.models.diffusion import MMFSNet
 SHAPES = {
     "7b": dict(blocks=(320, 640, 1280, 1280), layers=2, latent=64, feat_dim=1024, attn_dim=1024, heads=16, points=8,
                sides=(64, 32, 16, 8)),
-    "tiny": dict(blocks=(8, 16), layers=1, latent=16, feat_dim=32, attn_dim=32, heads=16, points=8, sides=(8, 4, 2, 1)),
+    "tiny": dict(blocks=(8, 16), layers=1, latent=16, feat_dim=32, attn_dim=32, heads=4, points=8, sides=(8, 4, 2, 1)),
 }
 
 

@@ -118,7 +118,7 @@ def _run(net, skips, mid, feats, mask):
     net.zero_grad()
     out_skips, out_mid = net(skips, mid, feats, mask)
     g = torch.Generator().manual_seed(9)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (*out_skips, out_mid))
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in (*out_skips, out_mid))
     loss.backward()
     grads = [x.grad for x in (*skips, mid, *feats)]
     pgrads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
