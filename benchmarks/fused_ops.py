@@ -19,38 +19,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timer
 
 from deem.models.resampler import PerceiverResampler, QFormerConfig, set_attention_implementation
 from deem.ops import masked_mse
 from deem.ops.resampler import cuda_fits, qformer_attention
-
-
-def timer(device: torch.device, fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of `fn` (CUDA events on a GPU, wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def graph_timer(device: torch.device, fn: Callable[[], object], reps: int) -> float | str:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import timer
 
 from deem.models.diffusion import MMFSNet
 
@@ -33,26 +31,6 @@ SHAPES = {
                sides=(64, 32, 16, 8)),
     "tiny": dict(blocks=(8, 16), layers=1, latent=16, feat_dim=32, attn_dim=32, heads=4, points=8, sides=(8, 4, 2, 1)),
 }
-
-
-def timer(device: torch.device, fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of `fn` (CUDA events on a GPU, wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype, batch: int, checkpointing: bool):
