@@ -55,12 +55,10 @@ elif world > 1:
 def parts(step):
     b = make_batch(model.config, seed=step)
     image = model.special["image"]
-    first = dict(text_ids=b["text_ids"][:1], attention_mask=b["attention_mask"][:1], gt_text_ids=b["gt_text_ids"][:1],
-                 image_tensors=b["image_tensors"][:1], image_tensors_dec=b["image_tensors_dec"][:1],
-                 num_image_per_seq=b["num_image_per_seq"][:1], nearest_bos_idxs=b["nearest_bos_idxs"][:1])
-    second = dict(text_ids=b["text_ids"][1:], attention_mask=b["attention_mask"][1:], gt_text_ids=b["gt_text_ids"][1:],
-                  image_tensors=b["image_tensors"][1:], image_tensors_dec=b["image_tensors_dec"][1:],
-                  num_image_per_seq=b["num_image_per_seq"][1:], nearest_bos_idxs=b["nearest_bos_idxs"][1:])
+    keys = ("text_ids", "attention_mask", "gt_text_ids", "image_tensors", "image_tensors_dec", "num_image_per_seq",
+            "nearest_bos_idxs")
+    first = {k: b[k][:1] for k in keys}  # sample 0 has one image, so image_tensors[:1] are its images
+    second = {k: b[k][1:] for k in keys}
     if step == TEXT_ONLY_STEP:  # rank 1: a text-only sample (no images to read or to generate)
         ids = second["text_ids"]
         keep = (ids != image) & (ids != model.special["soi"])
@@ -99,17 +97,22 @@ if world > 1:
 """
 
 
-def test_ddp_two_ranks_match_one_process(tmp_path, torchrun):
+def _one_and_two_ranks(tmp_path, torchrun, **two_rank_env) -> tuple[list[float], list[float]]:
+    """The worker once in one process and once on two ranks (with `two_rank_env` added); per-step losses of each
+    (the final weights land in tmp_path/one.pt and two.pt)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-4000:]
-    proc = torchrun([str(script), str(tmp_path / "two.pt")], env=env, cwd=REPO, timeout=300)
+    proc = torchrun([str(script), str(tmp_path / "two.pt")], env={**env, **two_rank_env}, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.report()
-    one_losses = json.loads((tmp_path / "one.pt.json").read_text())
-    two_losses = json.loads((tmp_path / "two.pt.json").read_text())
+    return (json.loads((tmp_path / "one.pt.json").read_text()), json.loads((tmp_path / "two.pt.json").read_text()))
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path, torchrun):
+    one_losses, two_losses = _one_and_two_ranks(tmp_path, torchrun)
     assert len(one_losses) == 3
     for a, b in zip(one_losses, two_losses):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one_losses, two_losses)
@@ -125,16 +128,6 @@ def test_ddp_two_ranks_match_one_process(tmp_path, torchrun):
                    "(gloo: 'Received data size doesn't match expected size'), see docs/train.md")
 def test_zero3_two_ranks_match_one_process(tmp_path, torchrun):
     pytest.importorskip("deepspeed")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-4000:]
-    env.update(DS_ACCELERATOR="cpu", DEEM_TEST_ZERO3="1")
-    proc = torchrun([str(script), str(tmp_path / "two.pt")], env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.report()
-    one_losses = json.loads((tmp_path / "one.pt.json").read_text())
-    two_losses = json.loads((tmp_path / "two.pt.json").read_text())
+    one_losses, two_losses = _one_and_two_ranks(tmp_path, torchrun, DS_ACCELERATOR="cpu", DEEM_TEST_ZERO3="1")
     for a, b in zip(one_losses, two_losses):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one_losses, two_losses)
