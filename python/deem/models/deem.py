@@ -268,8 +268,7 @@ class DeemModel(DeemPreTrainedModel, GenerationMethods, AdaptationMethods):
         image = hidden.new_zeros(1, 3, side, side)
         image_dec = None
         if feedback:
-            vae = self.diffusion.vae.config
-            dec_side = self.diffusion.unet.config.sample_size * 2 ** (len(vae.block_out_channels) - 1)
+            dec_side = self.diffusion.config.image_size
             image_dec = hidden.new_zeros(1, 3, dec_side, dec_side)
         vis = self.visual_tokenizer(image, image_dec, None, self.diffusion, feedback, generator)
         dummy = vis.embeds.sum() + sum(m.sum() for m in vis.multiscale) + self.soi_token.sum()
